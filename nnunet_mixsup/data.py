@@ -1,0 +1,167 @@
+"""The mixed-supervision data loader: nnU-Net's loader plus per-sample weak labels in patch space.
+
+A batch from :class:`MixSupDataLoader` is nnU-Net's batch with extra keys:
+
+- ``data``: (B, C, *patch) float – unchanged.
+- ``target``: list over deep-supervision scales of (B, 1 + K, *s) tensors. Channel 0 is nnU-Net's
+  label map (weak cases: the derived ignore-label map written by ``prepare``). Channels 1..K are the
+  *allowed* maps of the K foreground classes (channel k <-> ``foreground_labels[k-1]``): 1 where the
+  class may be present, 0 where it is certainly absent (outside every box of the class, class not in
+  the image tags, or padding). For ``box`` samples the allowed map *is* the per-class union of boxes,
+  rasterised before augmentation so that rotation, scaling, elastic deformation and mirroring move
+  it exactly as they move the image. Mask samples carry all-ones (their label map says everything).
+- ``sup_type``: (B,) long, codes of :data:`nnunet_mixsup.manifest.TYPE_CODES`.
+- ``tags``: (B, K) float, 1 if the class may be present somewhere in the image, 0 if absent.
+- ``keys``: case ids.
+
+Composition: ``strong_fraction`` of every batch is drawn from mask cases and the rest from weak
+cases (when both exist), so a few masks are not drowned by hundreds of unlabelled images.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from threadpoolctl import threadpool_limits
+
+from nnunet_mixsup.geometry import box_to_preprocessed, rasterize_boxes_in_patch
+from nnunet_mixsup.manifest import TYPE_CODES, CaseSupervision
+
+
+class MixSupDataLoader(nnUNetDataLoader):
+    """nnU-Net's data loader with weak-label channels, per-sample supervision info and batch composition.
+
+    Extra arguments over :class:`nnUNetDataLoader`:
+        supervision: case id -> :class:`CaseSupervision` for (at least) every case of ``data``.
+        transpose_forward: the plans' ``transpose_forward`` (needed to map boxes).
+        strong_fraction: share of each batch drawn from mask cases (rounded, ignored if one group is empty).
+        box_centered_fraction: for box samples that nnU-Net's oversampling marks as "force foreground",
+            the patch is centred on a random voxel of a random box (this is the box analogue of
+            nnU-Net's class-location sampling); other weak samples are cropped uniformly at random.
+    """
+
+    def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
+                 supervision: dict[str, CaseSupervision], transpose_forward: Sequence[int],
+                 strong_fraction: float = 0.5, **kwargs):
+        super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, **kwargs)
+        missing = [k for k in self.indices if k not in supervision]
+        if missing:
+            raise ValueError(f"no supervision entry for case(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        self.supervision = supervision
+        self.transpose_forward = list(transpose_forward)
+        self.foreground_labels = list(label_manager.foreground_labels)
+        self.strong_fraction = float(strong_fraction)
+        self.mask_ids = [k for k in self.indices if supervision[k].type == "mask"]
+        self.weak_ids = [k for k in self.indices if supervision[k].type != "mask"]
+
+    # ----------------------------------------------------------------------------------------------
+    def get_indices(self) -> list[str]:
+        """Draw ``round(B * strong_fraction)`` mask cases and the rest weak cases, in random order."""
+        if not self.mask_ids or not self.weak_ids:
+            return list(np.random.choice(self.indices, self.batch_size, replace=True))
+        n_strong = int(round(self.batch_size * self.strong_fraction))
+        keys = list(np.random.choice(self.mask_ids, n_strong, replace=True)) + \
+            list(np.random.choice(self.weak_ids, self.batch_size - n_strong, replace=True))
+        np.random.shuffle(keys)
+        return keys
+
+    def preprocessed_boxes(self, sup: CaseSupervision, properties: dict,
+                           shape: Sequence[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The case's boxes as (label, lo, hi) in preprocessed voxel coordinates (see :mod:`geometry`)."""
+        out = []
+        for b in sup.boxes:
+            m = box_to_preprocessed(b, properties, self.transpose_forward, shape)
+            if m is not None:
+                out.append((b.label, *m))
+        return out
+
+    def weak_bbox(self, shape: Sequence[int], force_fg: bool,
+                  boxes: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[list[int], list[int]]:
+        """Patch location for a weak sample: box-centred when forced to foreground, else uniform."""
+        if force_fg and boxes:
+            _, lo, hi = boxes[np.random.randint(len(boxes))]
+            centre = [np.random.randint(a, z) for a, z in zip(lo, hi)]
+            # reuse nnU-Net's bound logic by passing the centre as a one-voxel "class location"
+            locs = {"box": np.array([[0, *centre]])}
+            return self.get_bbox(shape, True, locs, overwrite_class="box")
+        need_to_pad = self.need_to_pad.copy()
+        for d in range(len(shape)):
+            need_to_pad[d] = max(need_to_pad[d], self.patch_size[d] - shape[d])
+        lbs = [-need_to_pad[i] // 2 for i in range(len(shape))]
+        ubs = [shape[i] + need_to_pad[i] // 2 + need_to_pad[i] % 2 - self.patch_size[i] for i in range(len(shape))]
+        bbox_lbs = [np.random.randint(lbs[i], ubs[i] + 1) for i in range(len(shape))]
+        return bbox_lbs, [bbox_lbs[i] + self.patch_size[i] for i in range(len(shape))]
+
+    def allowed_channels(self, sup: CaseSupervision, boxes: list[tuple[int, np.ndarray, np.ndarray]],
+                         bbox_lbs: Sequence[int], seg_cropped: np.ndarray) -> np.ndarray:
+        """(K, *patch) int16: 1 where each foreground class may be present, 0 where it certainly is not."""
+        shape = seg_cropped.shape[1:]
+        k = len(self.foreground_labels)
+        if sup.type == "box":
+            allowed = rasterize_boxes_in_patch(boxes, self.foreground_labels, bbox_lbs, shape)
+        elif sup.type == "tags":
+            present = np.array([c in sup.present for c in self.foreground_labels], dtype=np.int16)
+            allowed = np.broadcast_to(present.reshape((k,) + (1,) * len(shape)), (k, *shape)).copy()
+        else:
+            allowed = np.ones((k, *shape), dtype=np.int16)
+        # padding and the region outside nnU-Net's non-zero crop are background by nnU-Net's convention
+        allowed[:, seg_cropped[0] == -1] = 0
+        return allowed
+
+    def image_tags(self, sup: CaseSupervision, properties: dict) -> np.ndarray:
+        """(K,) 1 if the class may be present in the image, 0 if known absent."""
+        if sup.type == "mask":
+            locs = properties.get("class_locations", {})
+            return np.array([float(len(locs.get(c, [])) > 0) for c in self.foreground_labels], dtype=np.float32)
+        maybe = set(sup.classes_maybe_present(self.foreground_labels))
+        return np.array([float(c in maybe) for c in self.foreground_labels], dtype=np.float32)
+
+    # ----------------------------------------------------------------------------------------------
+    def generate_train_batch(self) -> dict:
+        selected_keys = self.get_indices()
+        data_all, seg_all = None, None
+        sup_types = torch.empty(self.batch_size, dtype=torch.long)
+        tags = torch.empty((self.batch_size, len(self.foreground_labels)), dtype=torch.float32)
+        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            for j, key in enumerate(selected_keys):
+                force_fg = self.get_do_oversample(j)
+                data, seg, seg_prev, properties = self._data.load_case(key)
+                if seg_prev is not None:
+                    raise NotImplementedError("nnunet-mixsup does not support cascaded configurations")
+                shape = data.shape[1:]
+                sup = self.supervision[key]
+                boxes = self.preprocessed_boxes(sup, properties, shape) if sup.type == "box" else []
+                if sup.type == "mask":
+                    bbox_lbs, bbox_ubs = self.get_bbox(shape, force_fg, properties["class_locations"])
+                else:
+                    bbox_lbs, bbox_ubs = self.weak_bbox(shape, force_fg, boxes)
+                bbox = [[a, z] for a, z in zip(bbox_lbs, bbox_ubs)]
+                data_cropped = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
+                seg_np = crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)
+                allowed = self.allowed_channels(sup, boxes, bbox_lbs, seg_np)
+                seg_cropped = torch.from_numpy(np.concatenate((seg_np.astype(np.int16), allowed))).to(torch.int16)
+                if self.patch_size_was_2d:
+                    data_cropped = data_cropped[:, 0]
+                    seg_cropped = seg_cropped[:, 0]
+                if self.transforms is not None:
+                    transformed = self.transforms(image=data_cropped, segmentation=seg_cropped)
+                    data_sample, seg_sample = transformed["image"], transformed["segmentation"]
+                else:
+                    data_sample, seg_sample = data_cropped, seg_cropped
+                if data_all is None:
+                    data_all = torch.empty((self.batch_size, *data_sample.shape), dtype=torch.float32)
+                data_all[j] = data_sample
+                is_list = isinstance(seg_sample, list)
+                if not is_list:
+                    seg_sample = [seg_sample]
+                if seg_all is None:
+                    seg_all = [torch.empty((self.batch_size, *s.shape), dtype=s.dtype) for s in seg_sample]
+                for s_idx, s in enumerate(seg_sample):
+                    seg_all[s_idx][j] = s
+                sup_types[j] = TYPE_CODES[sup.type]
+                tags[j] = torch.from_numpy(self.image_tags(sup, properties))
+        target = seg_all if is_list else seg_all[0]
+        return {"data": data_all, "target": target, "keys": selected_keys, "sup_type": sup_types, "tags": tags}

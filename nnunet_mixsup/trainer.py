@@ -1,0 +1,278 @@
+"""Mixed-supervision trainers: thin subclasses of nnU-Net's ``nnUNetTrainer``.
+
+Follow one batch: :class:`nnunet_mixsup.data.MixSupDataLoader` yields ``target`` scales of shape
+(B, 1 + K, *s) plus ``sup_type`` and ``tags``; :meth:`MixSupTrainer.train_step` splits channel 0
+(nnU-Net's label map with the ignore label) from the K *allowed* channels and hands both to
+:meth:`MixSupTrainer.compute_loss`, which returns named loss terms (plain torch modules from
+:mod:`nnunet_mixsup.losses`); their weighted sum is optimised exactly like nnU-Net's own loss.
+
+``MixSupTrainer``: nnU-Net's Dice + CE with the ignore label on every case (a box case is certain
+background outside its boxes) + certain negatives per class (outside the boxes of that class,
+classes absent from the image tags), on every deep-supervision output with nnU-Net's weights.
+
+Validation (online pseudo-Dice and final validation) only ever sees mask cases. The network is
+nnU-Net's own, so checkpoints load in stock ``nnUNetv2_predict`` and friends.
+
+Hyperparameters are attributes (nnU-Net records ``__init__`` arguments by signature, so trainers
+take no extra arguments); variants are subclasses named ``MixSupTrainer_<Variant>``.
+"""
+from __future__ import annotations
+
+import os
+from os.path import isfile, join
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnunet_mixsup.data import MixSupDataLoader
+from nnunet_mixsup.losses import CertainNegativeLoss
+from nnunet_mixsup.manifest import MANIFEST_NAME, CaseSupervision, ManifestError, parse_manifest
+from nnunet_mixsup.prepare import supervision_summary
+from nnunet_mixsup.splits import mixsup_splits
+
+
+class MixSupTrainer(nnUNetTrainer):
+    """nnU-Net trainer that learns from mask, box, image-tag and unlabelled cases together.
+
+    Attributes (hyperparameters):
+        strong_fraction: share of every training batch drawn from mask cases.
+        negative_weight: weight of the certain-negative term (``CertainNegativeLoss``).
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.strong_fraction = 0.5
+        self.negative_weight = 1.0
+        self.supervision: dict[str, CaseSupervision] | None = None
+        self.loss_term_names: tuple[str, ...] = ("supervised", "negatives")
+
+    # -------------------------------------------------------------------------------- supervision
+    def load_supervision(self) -> dict[str, CaseSupervision]:
+        """Read the manifest copied next to the preprocessed data; fail clearly if it is missing."""
+        if self.supervision is not None:
+            return self.supervision
+        path = join(self.preprocessed_dataset_folder_base, MANIFEST_NAME)
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        ids = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+        if not isfile(path):
+            if self.label_manager.has_ignore_label:
+                raise RuntimeError(f"{path} is missing but the dataset uses an ignore label. Run "
+                                   "`nnunet-mixsup plan_and_preprocess -d ...` (or `nnunet-mixsup prepare`) first.")
+            self.print_to_log_file(f"No {MANIFEST_NAME} in {self.preprocessed_dataset_folder_base}: "
+                                   "treating every case as a mask case.")
+            self.supervision = {k: CaseSupervision(k, "mask") for k in ids}
+            return self.supervision
+        problems: list[str] = []
+        man = parse_manifest(load_json(path), problems)
+        missing = [k for k in ids if k not in man.cases]
+        problems += [f"case {k!r}: preprocessed but not in the manifest (rerun prepare)" for k in missing[:20]]
+        if self.label_manager.has_regions:
+            problems.append("region-based training is not supported by nnunet-mixsup")
+        if problems:
+            raise ManifestError(problems, path)
+        self.supervision = {k: man.cases[k] for k in ids}
+        return self.supervision
+
+    def do_split(self):
+        """nnU-Net's split, made mixed-supervision aware.
+
+        If no ``splits_final.json`` exists, one is written whose validation folds are made of mask
+        cases only (every fold gets mask cases; weak cases are always in training). With a user's
+        split, weak cases listed for validation are moved to training (they cannot be scored), and a
+        fold whose validation set has no mask case is an error before any training starts.
+        """
+        sup = self.load_supervision()
+        splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
+        if self.fold != "all" and not isfile(splits_file):
+            mask_ids = sorted(k for k, s in sup.items() if s.type == "mask")
+            weak_ids = sorted(k for k, s in sup.items() if s.type != "mask")
+            save_json(mixsup_splits(mask_ids, weak_ids), splits_file)
+        if self.fold != "all" and isfile(splits_file):
+            n = len(load_json(splits_file))
+            if self.fold >= n:
+                raise RuntimeError(f"fold {self.fold} requested but {splits_file} has only {n} fold(s) "
+                                   f"(nnunet-mixsup makes at most one fold per mask case)")
+        tr_keys, val_keys = super().do_split()
+        weak_val = [k for k in val_keys if sup[k].type != "mask"]
+        val_keys = [k for k in val_keys if sup[k].type == "mask"]
+        if weak_val:
+            self.print_to_log_file(f"{len(weak_val)} weak case(s) in the validation split moved to training.")
+            tr_keys = list(tr_keys) + [k for k in weak_val if k not in tr_keys]
+        if not val_keys:
+            raise RuntimeError(f"fold {self.fold}: the validation split contains no mask case, so nothing can be "
+                               f"validated. Add mask cases to the fold's 'val' list in {splits_file}.")
+        return tr_keys, val_keys
+
+    # -------------------------------------------------------------------------------- data
+    def get_dataloaders(self):
+        """nnU-Net's pipeline with :class:`MixSupDataLoader` for training (validation stays stock)."""
+        if self.label_manager.has_regions:
+            raise RuntimeError("region-based training is not supported by nnunet-mixsup")
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        ds_scales = self._get_deep_supervision_scales()
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, ds_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=None,
+            ignore_label=self.label_manager.ignore_label)
+        val_transforms = self.get_validation_transforms(
+            ds_scales, is_cascaded=self.is_cascaded, foreground_labels=self.label_manager.foreground_labels,
+            regions=None, ignore_label=self.label_manager.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        dl_tr = MixSupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                                 supervision=self.load_supervision(),
+                                 transpose_forward=self.plans_manager.transpose_forward,
+                                 strong_fraction=self.strong_fraction,
+                                 oversample_foreground_percent=self.oversample_foreground_percent,
+                                 sampling_probabilities=None, pad_sides=None, transforms=tr_transforms,
+                                 probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
+                                  oversample_foreground_percent=self.oversample_foreground_percent,
+                                  sampling_probabilities=None, pad_sides=None, transforms=val_transforms,
+                                  probabilistic_oversampling=self.probabilistic_oversampling)
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            mt_train, mt_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == "cuda"
+            mt_train = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin, 0.002)
+            mt_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None,
+                                                  pin, 0.002)
+        _ = next(mt_train)
+        _ = next(mt_val)
+        return mt_train, mt_val
+
+    # -------------------------------------------------------------------------------- losses
+    def _build_loss(self):
+        self.negative_loss = CertainNegativeLoss()
+        return super()._build_loss()
+
+    def deep_supervision_weights(self, n_outputs: int) -> list[float]:
+        """nnU-Net's scale weights (1/2^i, lowest scale 0, normalised) – shared by all our terms."""
+        if n_outputs == 1:
+            return [1.0]
+        w = np.array([1 / (2 ** i) for i in range(n_outputs)])
+        w[-1] = 1e-6 if self.is_ddp else 0
+        return list(w / w.sum())
+
+    def compute_loss(self, output: list[torch.Tensor], seg: list[torch.Tensor], allowed: list[torch.Tensor],
+                     batch: dict) -> dict[str, torch.Tensor]:
+        """Named loss terms, each already weighted. ``output``/``seg``/``allowed`` are lists over scales."""
+        terms = {"supervised": self.loss(output, seg) if self.enable_deep_supervision else self.loss(output[0], seg[0])}
+        weights = self.deep_supervision_weights(len(output))
+        neg = sum(w * self.negative_loss(o, a) for w, o, a in zip(weights, output, allowed) if w > 0)
+        terms["negatives"] = self.negative_weight * neg
+        return terms
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
+        target = [t.to(self.device, non_blocking=True) for t in target]
+        seg = [t[:, :1] for t in target]
+        allowed = [t[:, 1:] for t in target]
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            if not isinstance(output, (list, tuple)):
+                output = [output]
+            terms = self.compute_loss(output, seg, allowed, batch)
+            loss = sum(terms.values())
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        out = {"loss": loss.detach().cpu().numpy()}
+        out.update({f"loss_{k}": float(v.detach()) for k, v in terms.items()})
+        return out
+
+    # -------------------------------------------------------------------------------- logging
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0:
+            names = {v: k for k, v in self.dataset_json["labels"].items() if isinstance(v, int)}
+            sup = self.load_supervision()
+            from nnunet_mixsup.manifest import Manifest
+            self.print_to_log_file("nnunet-mixsup " + supervision_summary(
+                Manifest(dict(sup)), list(self.label_manager.foreground_labels), names))
+        for k in self.loss_term_names:
+            self.logger.local_logger.my_fantastic_logging.setdefault(f"train_loss_{k}", [])
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        log = self.logger.local_logger.my_fantastic_logging
+        parts = []
+        for k in self.loss_term_names:
+            key = f"train_loss_{k}"
+            if f"loss_{k}" not in outputs:
+                continue
+            v = float(np.mean(outputs[f"loss_{k}"]))
+            if self.is_ddp:
+                import torch.distributed as dist
+                vals = [None] * dist.get_world_size()
+                dist.all_gather_object(vals, v)
+                v = float(np.mean(vals))
+            log.setdefault(key, [])
+            self.logger.log(key, v, self.current_epoch)
+            parts.append(f"{k} {v:.4f}")
+        if parts:
+            self.print_to_log_file("loss terms: " + ", ".join(parts))
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        if self.local_rank == 0 and os.environ.get("nnUNet_mixsup_no_plot") is None:
+            try:
+                self.plot_loss_terms()
+            except Exception as e:  # plotting must never stop training
+                self.print_to_log_file(f"could not plot loss terms: {e}")
+
+    def plot_loss_terms(self) -> None:
+        """``progress_mixsup.png`` beside nnU-Net's progress.png: one curve per loss term."""
+        import matplotlib
+        matplotlib.use("agg")
+        import matplotlib.pyplot as plt
+        log = self.logger.local_logger.my_fantastic_logging
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for k in self.loss_term_names:
+            v = log.get(f"train_loss_{k}", [])
+            if v:
+                ax.plot(range(len(v)), v, label=k)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss term (weighted)")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        fig.savefig(join(self.output_folder, "progress_mixsup.png"))
+        plt.close(fig)
+
+
+class MixSupTrainer_Smoke(MixSupTrainer):
+    """A few iterations only: for smoke tests and CI (2 epochs x 4 iterations, 2 validation steps)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 4
+        self.num_val_iterations_per_epoch = 2
