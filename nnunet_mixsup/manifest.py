@@ -142,7 +142,7 @@ def parse_manifest(obj: Any, problems: list[str]) -> Manifest:
         case_problems: list[str] = []
         sup = _parse_case(cid, entry, case_problems)
         problems.extend(case_problems)
-        if sup is not None and not case_problems:
+        if sup is not None:  # keep what was valid so the dataset checks can still report on it
             man.cases[cid] = sup
     return man
 
@@ -209,19 +209,23 @@ def _parse_case(cid: str, entry: Any, problems: list[str]) -> CaseSupervision | 
     return CaseSupervision(cid, t)
 
 
-def load_manifest(path: str | os.PathLike) -> Manifest:
-    """Read and structurally check a manifest file. Raises :class:`ManifestError` listing all problems."""
+def read_manifest_json(path: str | os.PathLike) -> Any:
+    """Decode the manifest file (duplicate keys are kept for reporting). Malformed JSON raises at once."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ManifestError([f"cannot read {path}: {e}"], str(path)) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+        return json.loads(text, object_pairs_hook=_reject_duplicates)
     except json.JSONDecodeError as e:
         raise ManifestError([f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"], str(path)) from None
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and structurally check a manifest file. Raises :class:`ManifestError` listing all problems."""
     problems: list[str] = []
-    man = parse_manifest(obj, problems)
+    man = parse_manifest(read_manifest_json(path), problems)
     if problems:
         raise ManifestError(problems, str(path))
     return man
@@ -290,14 +294,18 @@ def image_info(path: Path) -> tuple[tuple[int, ...], tuple[float, ...], tuple[fl
 
 
 def validate_against_dataset(manifest: Manifest, ds: RawDataset, check_label_files: bool = True,
-                             generated: set[str] | None = None) -> tuple[Manifest, list[str]]:
+                             generated: set[str] | None = None, problems: list[str] | None = None,
+                             mentioned: set[str] | None = None) -> tuple[Manifest, list[str]]:
     """Check a manifest against a raw dataset; return the complete manifest (defaults filled in).
 
     ``generated`` is the set of label file names that nnunet-mixsup itself wrote (those may be
     overwritten); any other label file of a weak case is a user's mask and is an error.
+    ``problems`` may carry structural problems found earlier (reported together); ``mentioned`` are
+    case ids named in the file even if their entry was invalid (they get no default).
     Raises :class:`ManifestError` with every problem found; returns (manifest, warnings).
     """
-    problems: list[str] = []
+    problems = problems if problems is not None else []
+    mentioned = mentioned or set()
     warnings: list[str] = []
     generated = generated or set()
     ids = set(ds.case_ids)
@@ -342,13 +350,13 @@ def validate_against_dataset(manifest: Manifest, ds: RawDataset, check_label_fil
                                     f"max={list(b.max)}, image size (x, y[, z]) = {list(size)}")
         full.cases[cid] = sup
     for cid in ds.case_ids:
-        if cid in full.cases or cid in manifest.cases:
+        if cid in full.cases or cid in manifest.cases or cid in mentioned:
             continue
         if ds.label_file(cid).is_file() and ds.label_file(cid).name not in generated:
             full.cases[cid] = CaseSupervision(cid, "mask")
         else:
             problems.append(f"case {cid!r}: has an image but neither a manifest entry nor a label file")
-    if not problems and not full.of_type("mask"):
+    if not full.of_type("mask") and not any("type 'mask'" in p for p in problems):
         problems.append("the dataset has no 'mask' case: at least one fully labelled case is needed "
                         "(for the supervised loss and for validation)")
     if problems:

@@ -35,7 +35,8 @@ from nnunet_mixsup.manifest import (
     Manifest,
     ManifestError,
     RawDataset,
-    load_manifest,
+    parse_manifest,
+    read_manifest_json,
     read_raw_dataset,
     validate_against_dataset,
 )
@@ -136,10 +137,19 @@ def load_and_validate(folder: Path) -> tuple[RawDataset, Manifest, dict[str, str
     ds = read_raw_dataset(folder)
     generated = load_generated_record(folder)
     man_path = folder / MANIFEST_NAME
-    manifest = load_manifest(man_path) if man_path.is_file() else Manifest()
+    problems: list[str] = []
+    mentioned: set[str] = set()
+    if man_path.is_file():
+        obj = read_manifest_json(man_path)
+        manifest = parse_manifest(obj, problems)
+        if isinstance(obj, dict) and isinstance(obj.get("cases"), dict):
+            mentioned = {k for k in obj["cases"] if k != "__duplicates__"}
+    else:
+        manifest = Manifest()
     if not ds.case_ids:
         raise ManifestError([f"no training images found in {folder / 'imagesTr'}"], str(folder))
-    full, _ = validate_against_dataset(manifest, ds, generated=set(generated))
+    full, _ = validate_against_dataset(manifest, ds, generated=set(generated), problems=problems,
+                                       mentioned=mentioned)
     if ds.ignore_label is not None:
         top = max(ds.foreground_labels) if ds.foreground_labels else 0
         if ds.ignore_label <= top:

@@ -13,6 +13,7 @@ mask-aware ``splits_final.json`` is written if none exists.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,8 +94,17 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
                            "num_mask_cases": len(res.manifest.of_type("mask"))}
     atomic_write_json(fp_file, fp)
 
-    plans_identifier = plan_experiments([dataset_id], planner, gpu_memory_target, "DefaultPreprocessor", None,
-                                        plans_name)
+    # nnU-Net's planner calls torch.set_num_threads(get_allowed_n_proc_DA()), which fails for
+    # nnUNet_n_proc_DA=0 (a legal setting for training): plan with at least one thread
+    saved = os.environ.get("nnUNet_n_proc_DA")
+    if saved is not None and saved.strip() == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        plans_identifier = plan_experiments([dataset_id], planner, gpu_memory_target, "DefaultPreprocessor", None,
+                                            plans_name)
+    finally:
+        if saved is not None:
+            os.environ["nnUNet_n_proc_DA"] = saved
     if plans_identifier is None:
         plans_identifier = plans_name or "nnUNetPlans"
     if not no_pp:

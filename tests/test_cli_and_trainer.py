@@ -1,0 +1,78 @@
+"""CLI surface, trainer discovery through nnUNet_extTrainer, splits, mask-only intensity statistics."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_mixsup.cli import build_parser, trainers_path
+from nnunet_mixsup.splits import mixsup_splits
+
+SUBCOMMANDS = ["trainers-path", "prepare", "plan_and_preprocess", "small-plans", "synthetic-data"]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS + ["evaluate", "simulate", "demo-data"])
+def test_every_subcommand_has_help(cmd):
+    sub = build_parser()._subparsers._group_actions[0].choices
+    if cmd not in sub:
+        pytest.skip(f"{cmd} not available")
+    r = subprocess.run([sys.executable, "-m", "nnunet_mixsup.cli", cmd, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_cli_error_exits_nonzero_with_clear_message(fresh_dirs):
+    r = subprocess.run([sys.executable, "-m", "nnunet_mixsup.cli", "prepare", "-d", "777"], capture_output=True,
+                       text=True)
+    assert r.returncode == 1
+    assert "error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trainer_found_by_nnunet_and_picklable(monkeypatch):
+    monkeypatch.setenv("nnUNet_extTrainer", trainers_path())
+    import importlib
+
+    import nnunetv2.utilities.find_objects as fo
+
+    importlib.reload(fo)
+    for name in ("MixSupTrainer", "MixSupTrainer_Smoke"):
+        cls = fo.recursive_find_trainer_class_by_name(name)
+        assert cls.__module__ == "nnunet_mixsup.trainer"
+        assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+def test_splits_validate_on_masks_only():
+    masks = [f"m{i}" for i in range(7)]
+    weak = [f"w{i}" for i in range(20)]
+    s = mixsup_splits(masks, weak)
+    assert len(s) == 5
+    assert sorted(sum((f["val"] for f in s), [])) == sorted(masks)
+    for f in s:
+        assert f["val"] and set(f["val"]) <= set(masks)
+        assert set(weak) <= set(f["train"]) and not set(f["val"]) & set(f["train"])
+    assert len(mixsup_splits(masks[:3], weak)) == 3
+    assert mixsup_splits(masks[:1], weak) == [{"train": masks[:1] + sorted(weak), "val": masks[:1]}]
+
+
+def test_intensity_statistics_come_from_mask_foreground_only(planned_3d):
+    fp = json.loads((planned_3d["pp"] / "dataset_fingerprint.json").read_text())
+    stats = fp["foreground_intensity_properties_per_channel"]["0"]
+    raw = planned_3d["raw"]
+    sup = json.loads((raw / "supervision.json").read_text())["cases"]
+    vals = []
+    for cid, s in sup.items():
+        if s["type"] == "mask":
+            img = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "imagesTr" / f"{cid}_0000.nii.gz")))
+            seg = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{cid}.nii.gz")))
+            vals.append(img[(seg == 1) | (seg == 2)])
+    # nnU-Net draws the same number of samples from every case: expected mean = mean of case means
+    expected = np.mean([x.mean() for x in vals])
+    v = np.concatenate(vals)
+    assert abs(stats["mean"] - expected) < 0.05 * v.std()
+    assert v.min() - 1e-6 <= stats["percentile_00_5"] and stats["percentile_99_5"] <= v.max() + 1e-6
+    # stock nnU-Net would have used seg > 0 incl. ignore = whole boxes and unlabelled images (mostly tissue)
+    assert fp["nnunet_mixsup"]["num_mask_cases"] == 3
