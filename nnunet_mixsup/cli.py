@@ -19,7 +19,7 @@ def trainers_path() -> str:
     """Folder holding the thin trainer modules (works for editable and regular installs)."""
     spec = importlib.util.find_spec("nnunet_mixsup.ext_trainers")
     if spec is not None and spec.submodule_search_locations:
-        return str(Path(list(spec.submodule_search_locations)[0]).resolve())
+        return str(Path(next(iter(spec.submodule_search_locations))).resolve())
     here = Path(__file__).resolve().parent.parent / "trainers"  # running from a source checkout
     if here.is_dir():
         return str(here)
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # one clear message instead of a traceback from deep inside
+    except Exception as e:  # noqa: BLE001 - one clear message instead of a traceback from deep inside
         if os.environ.get("NNUNET_MIXSUP_DEBUG"):
             traceback.print_exc()
         print(f"nnunet-mixsup {args.command}: error: {e}", file=sys.stderr)

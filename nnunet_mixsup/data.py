@@ -62,7 +62,7 @@ class MixSupDataLoader(nnUNetDataLoader):
         """Draw ``round(B * strong_fraction)`` mask cases and the rest weak cases, in random order."""
         if not self.mask_ids or not self.weak_ids:
             return list(np.random.choice(self.indices, self.batch_size, replace=True))
-        n_strong = int(round(self.batch_size * self.strong_fraction))
+        n_strong = round(self.batch_size * self.strong_fraction)
         keys = list(np.random.choice(self.mask_ids, n_strong, replace=True)) + \
             list(np.random.choice(self.weak_ids, self.batch_size - n_strong, replace=True))
         np.random.shuffle(keys)

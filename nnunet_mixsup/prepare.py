@@ -153,8 +153,8 @@ def load_and_validate(folder: Path) -> tuple[RawDataset, Manifest, dict[str, str
     if ds.ignore_label is not None:
         top = max(ds.foreground_labels) if ds.foreground_labels else 0
         if ds.ignore_label <= top:
-            raise ManifestError([f"dataset.json: 'ignore' ({ds.ignore_label}) must be the highest label "
-                                 f"(> {top})"], str(folder / "dataset.json"))
+            msg = f"dataset.json: 'ignore' ({ds.ignore_label}) must be the highest label (> {top})"
+            raise ManifestError([msg], str(folder / "dataset.json"))
     return ds, full, generated
 
 

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from nnunet_mixsup.manifest import MANIFEST_NAME
 from nnunet_mixsup.prepare import (
     atomic_write_json,
-    preprocessed_dataset_folder,
     prepare_dataset,
+    preprocessed_dataset_folder,
     raw_dataset_folder,
 )
 from nnunet_mixsup.splits import mixsup_splits

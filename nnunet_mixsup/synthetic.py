@@ -69,7 +69,7 @@ def boxes_from_label(seg: np.ndarray, labels: Sequence[int]) -> list[dict]:
     """One box per connected component and class, ITK (x, y, z) order, ``max`` exclusive."""
     out = []
     for c in labels:
-        comp, n = ndimage.label(seg == c, structure=np.ones((3,) * seg.ndim))
+        comp, _ = ndimage.label(seg == c, structure=np.ones((3,) * seg.ndim))
         for sl in ndimage.find_objects(comp):
             if sl is None:
                 continue

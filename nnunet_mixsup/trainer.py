@@ -50,7 +50,7 @@ class MixSupTrainer(nnUNetTrainer):
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.strong_fraction = 0.5
         self.negative_weight = 1.0
@@ -245,7 +245,7 @@ class MixSupTrainer(nnUNetTrainer):
         if self.local_rank == 0 and os.environ.get("nnUNet_mixsup_no_plot") is None:
             try:
                 self.plot_loss_terms()
-            except Exception as e:  # plotting must never stop training
+            except Exception as e:  # noqa: BLE001 - plotting must never stop training
                 self.print_to_log_file(f"could not plot loss terms: {e}")
 
     def plot_loss_terms(self) -> None:
@@ -271,7 +271,7 @@ class MixSupTrainer_Smoke(MixSupTrainer):
     """A few iterations only: for smoke tests and CI (2 epochs x 4 iterations, 2 validation steps)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 2
         self.num_iterations_per_epoch = 4

@@ -21,13 +21,14 @@ def test_every_subcommand_has_help(cmd):
     sub = build_parser()._subparsers._group_actions[0].choices
     if cmd not in sub:
         pytest.skip(f"{cmd} not available")
-    r = subprocess.run([sys.executable, "-m", "nnunet_mixsup.cli", cmd, "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "nnunet_mixsup.cli", cmd, "--help"], capture_output=True, text=True,
+                       check=False)
     assert r.returncode == 0 and "usage" in r.stdout
 
 
 def test_cli_error_exits_nonzero_with_clear_message(fresh_dirs):
     r = subprocess.run([sys.executable, "-m", "nnunet_mixsup.cli", "prepare", "-d", "777"], capture_output=True,
-                       text=True)
+                       text=True, check=False)
     assert r.returncode == 1
     assert "error" in r.stderr and "Traceback" not in r.stderr
 
@@ -50,7 +51,7 @@ def test_splits_validate_on_masks_only():
     weak = [f"w{i}" for i in range(20)]
     s = mixsup_splits(masks, weak)
     assert len(s) == 5
-    assert sorted(sum((f["val"] for f in s), [])) == sorted(masks)
+    assert sorted(v for f in s for v in f["val"]) == sorted(masks)
     for f in s:
         assert f["val"] and set(f["val"]) <= set(masks)
         assert set(weak) <= set(f["train"]) and not set(f["val"]) & set(f["train"])

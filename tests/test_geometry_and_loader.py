@@ -128,11 +128,11 @@ def test_loader_batch_layout_and_composition(which, config, request):
 def test_boxes_follow_spatial_augmentation(which, config, request):
     """Pretend mask cases are box cases: after rotation/scaling/elastic/mirroring each object voxel
     (channel 0, the real mask) must still lie inside the augmented box channel of its class."""
+    import SimpleITK as sitk
     from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
     from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
     from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
-    import SimpleITK as sitk
 
     info = request.getfixturevalue(which)
     sup = {}
@@ -144,7 +144,7 @@ def test_boxes_follow_spatial_augmentation(which, config, request):
                                                          for b in boxes))
         else:
             sup[cid] = s
-    pm, cm, dj = _managers(info, config)
+    _, cm, _ = _managers(info, config)
     patch = cm.patch_size
     tr = ComposeTransforms([
         SpatialTransform(patch, patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=1.0,

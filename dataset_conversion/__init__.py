@@ -1,0 +1,1 @@
+"""Converters from public dataset releases to nnU-Net raw datasets with a supervision manifest."""
