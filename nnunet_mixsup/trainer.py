@@ -35,8 +35,15 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from nnunet_mixsup.data import MixSupDataLoader
-from nnunet_mixsup.losses import CertainNegativeLoss
-from nnunet_mixsup.manifest import MANIFEST_NAME, CaseSupervision, ManifestError, parse_manifest
+from nnunet_mixsup.losses import (
+    BoxProjectionLoss,
+    CertainNegativeLoss,
+    EntropyLoss,
+    MultiLabelDeepSupervisionLoss,
+    labels_to_pos_known,
+    multilabel_pooled_targets,
+)
+from nnunet_mixsup.manifest import MANIFEST_NAME, TYPE_CODES, CaseSupervision, ManifestError, parse_manifest
 from nnunet_mixsup.prepare import supervision_summary
 from nnunet_mixsup.splits import mixsup_splits
 
@@ -267,6 +274,122 @@ class MixSupTrainer(nnUNetTrainer):
         plt.close(fig)
 
 
+
+def boxes_inside_patch(box_masks: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: the class has box voxels in the patch and none on the patch border.
+
+    A box cut by the patch border (after augmentation) only constrains what the patch contains,
+    so its projection would be wrong; those (sample, class) pairs are excluded.
+    """
+    nd = box_masks.ndim - 2
+    present = box_masks.flatten(2).amax(2) > 0
+    on_border = torch.zeros_like(present)
+    for d in range(nd):
+        ax = 2 + d
+        first = box_masks.narrow(ax, 0, 1)
+        last = box_masks.narrow(ax, box_masks.shape[ax] - 1, 1)
+        on_border |= (first.flatten(2).amax(2) > 0) | (last.flatten(2).amax(2) > 0)
+    return present & ~on_border
+
+
+class MixSupTrainer_MLDS(MixSupTrainer):
+    """Multi-label deep supervision (Reiss et al., CVPR 2021) on mask cases only.
+
+    Full resolution: nnU-Net's Dice + CE. Every coarser output: sigmoid + BCE per class against the
+    max-pooled one-hot target (kernel = stride = that output's cumulative pooling, anisotropic
+    where the plans are), masked where the pooled target is unknown. A fair drop-in comparison
+    with ``nnUNetTrainer``: same data (``strong_fraction = 1``), only the deep-supervision targets
+    differ.
+
+    Attributes:
+        mlds_weight: factor on the summed coarse-scale terms (scale weights as nnU-Net's).
+        mlds_soft_dice: add a masked soft Dice to the BCE at coarse scales.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.strong_fraction = 1.0
+        self.mlds_weight = 1.0
+        self.mlds_soft_dice = False
+        self.loss_term_names = ("supervised", "mlds", "negatives")
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.strong_fraction >= 1.0:  # mask cases only
+            sup = self.load_supervision()
+            keys = [k for k in dataset_tr.identifiers if sup[k].type == "mask"]
+            dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, keys,
+                                            folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
+        return dataset_tr, dataset_val
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        self.fullres_loss = loss.loss if hasattr(loss, "loss") else loss
+        self.mlds_loss = MultiLabelDeepSupervisionLoss(use_soft_dice=self.mlds_soft_dice)
+        return loss
+
+    def cumulative_pooling(self) -> list[list[int]]:
+        """Per network output (full resolution first): its downsampling relative to the input."""
+        strides = np.array(self.configuration_manager.pool_op_kernel_sizes)
+        return [list(map(int, v)) for v in np.cumprod(strides, axis=0)]
+
+    def mlds_term(self, output: list[torch.Tensor], seg0: torch.Tensor, allowed0: torch.Tensor) -> torch.Tensor:
+        weights = self.deep_supervision_weights(len(output))
+        if len(output) < 2 or sum(weights[1:]) == 0:
+            return output[0].sum() * 0
+        pos, known = labels_to_pos_known(seg0, allowed0, output[0].shape[1], self.label_manager.ignore_label)
+        pools = self.cumulative_pooling()
+        targets = [multilabel_pooled_targets(pos, known, pools[i]) for i in range(1, len(output))]
+        self.mlds_loss.weights = [float(w) for w in weights[1:]]
+        return float(sum(weights[1:])) * self.mlds_loss(list(output[1:]), targets)
+
+    def compute_loss(self, output, seg, allowed, batch):
+        weights = self.deep_supervision_weights(len(output))
+        terms = {"supervised": float(weights[0]) * self.fullres_loss(output[0], seg[0])}
+        terms["mlds"] = self.mlds_weight * self.mlds_term(output, seg[0], allowed[0])
+        terms["negatives"] = self.negative_weight * self.negative_loss(output[0], allowed[0])
+        return terms
+
+
+class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
+    """All weak-label losses, no teacher: MLDS on every case (box and tag negatives included in
+    the pooled targets), certain negatives, box tightness (max-projection Dice) on boxes fully
+    inside the patch, and an entropy (confidence) term on unlabelled samples ramped up linearly.
+
+    Attributes:
+        box_weight, entropy_weight: term weights; entropy_rampup_epochs: linear ramp length.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.strong_fraction = 0.5
+        self.box_weight = 0.5
+        self.entropy_weight = 0.1
+        self.entropy_rampup_epochs = 50
+        self.loss_term_names = ("supervised", "mlds", "negatives", "box", "entropy")
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        self.box_loss = BoxProjectionLoss()
+        self.entropy_loss = EntropyLoss()
+        return loss
+
+    def rampup(self) -> float:
+        return min(1.0, (self.current_epoch + 1) / max(1, self.entropy_rampup_epochs))
+
+    def compute_loss(self, output, seg, allowed, batch):
+        terms = super().compute_loss(output, seg, allowed, batch)
+        sup_type = batch["sup_type"].to(output[0].device)
+        is_box = sup_type == TYPE_CODES["box"]
+        valid = boxes_inside_patch(allowed[0]) & is_box[:, None]
+        terms["box"] = self.box_weight * self.box_loss(output[0], allowed[0], valid)
+        unlabelled = sup_type == TYPE_CODES["none"]
+        terms["entropy"] = self.entropy_weight * self.rampup() * self.entropy_loss(output[0], sample_mask=unlabelled)
+        return terms
+
+
 class MixSupTrainer_Smoke(MixSupTrainer):
     """A few iterations only: for smoke tests and CI (2 epochs x 4 iterations, 2 validation steps)."""
 
@@ -276,3 +399,34 @@ class MixSupTrainer_Smoke(MixSupTrainer):
         self.num_epochs = 2
         self.num_iterations_per_epoch = 4
         self.num_val_iterations_per_epoch = 2
+
+
+class nnUNetTrainer_MixSupDemo(nnUNetTrainer):
+    """Stock ``nnUNetTrainer`` with the demo's short budget (baselines in ``nnunet-mixsup demo``).
+
+    Only the schedule differs from stock; it exists so that baselines and MixSup trainers run with
+    exactly the same number of epochs and iterations.
+    """
+
+    demo_epochs = 40
+    demo_iterations = 25
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.demo_epochs
+        self.num_iterations_per_epoch = self.demo_iterations
+        self.num_val_iterations_per_epoch = 5
+        self.save_every = 10
+
+
+class MixSupTrainer_Demo(MixSupTrainer):
+    """``MixSupTrainer`` with the demo's short budget (same as :class:`nnUNetTrainer_MixSupDemo`)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = nnUNetTrainer_MixSupDemo.demo_epochs
+        self.num_iterations_per_epoch = nnUNetTrainer_MixSupDemo.demo_iterations
+        self.num_val_iterations_per_epoch = 5
+        self.save_every = 10

@@ -1,2 +1,9 @@
 """Re-exports of the nnunet-mixsup trainer classes for nnU-Net's ``nnUNet_extTrainer`` lookup."""
-from nnunet_mixsup.trainer import MixSupTrainer, MixSupTrainer_Smoke  # noqa: F401
+from nnunet_mixsup.trainer import (  # noqa: F401
+    MixSupTrainer,
+    MixSupTrainer_Demo,
+    MixSupTrainer_MLDS,
+    MixSupTrainer_Smoke,
+    MixSupTrainer_WeakOnly,
+    nnUNetTrainer_MixSupDemo,
+)

@@ -1,0 +1,77 @@
+"""Trainer variants run real train steps on the synthetic data (in-process, tiny network)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nnunet_mixsup.plans import shrink_configuration
+
+
+def _trainer(cls_name, info, config):
+    import nnunet_mixsup.trainer as T
+
+    plans = load_json(str(info["pp"] / f"{info['plans']}.json"))
+    plans["configurations"][config] = shrink_configuration(plans["configurations"][config], 32, base_features=4)
+    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training puts this into the plans
+    dj = load_json(str(info["pp"] / "dataset.json"))
+    tr = getattr(T, cls_name)(plans, config, 0, dj, device=torch.device("cpu"))
+    tr.num_iterations_per_epoch = 2
+    tr.num_val_iterations_per_epoch = 1
+    tr.initialize()
+    return tr
+
+
+@pytest.mark.parametrize("cls_name", ["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_WeakOnly"])
+@pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
+def test_train_steps_finite_and_all_terms_logged(cls_name, which, config, request):
+    info = request.getfixturevalue(which)
+    tr = _trainer(cls_name, info, config)
+    dl_tr, dl_val = tr.get_dataloaders()
+    try:
+        outs = [tr.train_step(next(dl_tr)) for _ in range(2)]
+    finally:
+        for d in (dl_tr, dl_val):
+            if hasattr(d, "_finish"):
+                d._finish()
+    for o in outs:
+        assert np.isfinite(o["loss"])
+        for k in tr.loss_term_names:
+            assert np.isfinite(o[f"loss_{k}"]), k
+    # the validation split only holds mask cases
+    sup = tr.load_supervision()
+    _, val = tr.do_split()
+    assert val and all(sup[k].type == "mask" for k in val)
+
+
+def test_mlds_variant_trains_on_mask_cases_only(planned_3d):
+    tr = _trainer("MixSupTrainer_MLDS", planned_3d, "3d_fullres")
+    ds_tr, _ = tr.get_tr_and_val_datasets()
+    sup = tr.load_supervision()
+    assert ds_tr.identifiers and all(sup[k].type == "mask" for k in ds_tr.identifiers)
+
+
+def test_exported_weights_load_into_stock_inference_network(planned_3d):
+    """Inference cost equals stock nnU-Net: the network is nnU-Net's own, DS off."""
+    tr = _trainer("MixSupTrainer_WeakOnly", planned_3d, "3d_fullres")
+    net = type(tr).build_network_architecture(tr.plans_manager, tr.configuration_manager, tr.num_input_channels,
+                                              tr.label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    net.load_state_dict(tr.network.state_dict())
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in tr.network.parameters())
+
+
+def test_boxes_inside_patch():
+    from nnunet_mixsup.trainer import boxes_inside_patch
+
+    m = torch.zeros(2, 2, 6, 6)
+    m[0, 0, 2:4, 2:4] = 1   # inside
+    m[0, 1, 0:3, 2:4] = 1   # touches the border
+    assert boxes_inside_patch(m).tolist() == [[True, False], [False, False]]
+
+
+def test_manifest_sidecar_required_with_ignore_label(planned_3d, tmp_path):
+    info = dict(planned_3d)
+    assert json.loads((info["pp"] / "dataset.json").read_text())["labels"]["ignore"] == 3
