@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_synthetic)
 
     for mod in ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",
-                "nnunet_mixsup.demo"):
+                "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed"):
         try:
             m = importlib.import_module(mod)
         except ImportError:

@@ -1,0 +1,114 @@
+"""``nnunet-mixsup bench-speed``: per-trainer training-step time and loader throughput vs stock nnUNetTrainer.
+
+All trainers are built in one process on the same plans and configuration. Each trainer's own
+data loader produces batches (loader throughput is timed there); training steps are then timed
+*interleaved* (trainer A step, trainer B step, ... repeated) so that machine noise hits all of them
+alike, and medians are reported as ratios to ``nnUNetTrainer``. Peak memory is reported on CUDA
+(``torch.cuda.max_memory_allocated``) and as the growth of the process' max RSS on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _make_trainer(name: str, plans: dict, config: str, dataset_json: dict, device: torch.device):
+    import nnunet_mixsup.trainer as T
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    cls = nnUNetTrainer if name == "nnUNetTrainer" else getattr(T, name)
+    p = json.loads(json.dumps(plans))
+    p["continue_training"] = False
+    tr = cls(p, config, 0, dataset_json, device=device)
+    tr.initialize()
+    return tr
+
+
+def bench_speed(dataset: int | str, config: str, plans_name: str, trainers: list[str], steps: int = 10,
+                warmup: int = 2, device: str = "cpu") -> list[dict]:
+    """Return one row per trainer: median step time, ratio, loader batches/s, peak memory."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_mixsup.prepare import preprocessed_dataset_folder
+
+    pp = preprocessed_dataset_folder(dataset)
+    plans = load_json(str(pp / f"{plans_name}.json"))
+    dj = load_json(str(pp / "dataset.json"))
+    dev = torch.device(device)
+    if "nnUNetTrainer" not in trainers:
+        trainers = ["nnUNetTrainer", *trainers]
+    built, batches, loader_rate = {}, {}, {}
+    for name in trainers:
+        torch.manual_seed(0)
+        tr = _make_trainer(name, plans, config, dj, dev)
+        dl_tr, dl_val = tr.get_dataloaders()
+        t0 = time.perf_counter()
+        batches[name] = [next(dl_tr) for _ in range(steps + warmup)]
+        loader_rate[name] = (steps + warmup) / (time.perf_counter() - t0)
+        for d in (dl_tr, dl_val):
+            if hasattr(d, "_finish"):
+                d._finish()
+        tr.network.train()
+        built[name] = tr
+    times: dict[str, list[float]] = {n: [] for n in trainers}
+    mem: dict[str, float] = {}
+    for i in range(steps + warmup):
+        for name in trainers:
+            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            built[name].train_step(batches[name][i])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                mem[name] = max(mem.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
+            else:
+                mem[name] = max(mem.get(name, 0), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["nnUNetTrainer"])
+    rows = []
+    for name in trainers:
+        med = statistics.median(times[name])
+        rows.append({"trainer": name, "step_s": med, "step_ratio": med / base, "loader_batches_per_s": loader_rate[name],
+                     "loader_ratio": loader_rate[name] / loader_rate["nnUNetTrainer"], "peak_mem_mb": mem[name]})
+    return rows
+
+
+def format_rows(rows: list[dict], device: str) -> str:
+    mem = "peak GPU memory (MiB)" if device.startswith("cuda") else "max-RSS growth (MiB)"
+    out = [f"| trainer | median step (s) | step ratio | loader batches/s | loader ratio | {mem} |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['trainer']} | {r['step_s']:.3f} | {r['step_ratio']:.2f} | {r['loader_batches_per_s']:.1f} | "
+                   f"{r['loader_ratio']:.2f} | {r['peak_mem_mb']:.0f} |")
+    return "\n".join(out)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    s = subparsers.add_parser("bench-speed", help="training step time / loader throughput vs nnUNetTrainer",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("-d", required=True, help="dataset id (preprocessed)")
+    s.add_argument("-c", default="3d_fullres", help="configuration")
+    s.add_argument("-p", default="nnUNetPlans", help="plans name")
+    s.add_argument("-tr", nargs="+", default=["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_WeakOnly"])
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("-o", type=Path, default=None, help="write the Markdown table here")
+
+    def _run(a: argparse.Namespace) -> int:
+        rows = bench_speed(a.d, a.c, a.p, a.tr, a.steps, device=a.device)
+        table = format_rows(rows, a.device)
+        print(table)
+        if a.o:
+            a.o.write_text(table + "\n")
+        return 0
+
+    s.set_defaults(func=_run)
