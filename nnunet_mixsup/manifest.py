@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 
 SUPERVISION_TYPES = ("mask", "box", "tags", "none")
@@ -293,6 +294,30 @@ def image_info(path: Path) -> tuple[tuple[int, ...], tuple[float, ...], tuple[fl
     return tuple(r.GetSize()), tuple(r.GetSpacing()), tuple(r.GetOrigin()), tuple(r.GetDirection())
 
 
+def _check_mask(ds: RawDataset, cid: str, valid_fg: set[int]) -> list[str]:
+    """Geometry of the label file vs the image (header) and label values vs dataset.json."""
+    out = []
+    try:
+        isize, isp, iorg, idir = image_info(ds.image_files(cid)[0])
+        lsize, lsp, lorg, ldir = image_info(ds.label_file(cid))
+    except RuntimeError as e:
+        return [f"cannot read image or label header: {str(e).strip().splitlines()[-1]}"]
+    if isize != lsize:
+        return [f"label size {list(lsize)} differs from image size {list(isize)}"]
+    for what, a, b in (("spacing", isp, lsp), ("origin", iorg, lorg), ("direction", idir, ldir)):
+        if any(abs(x - y) > 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)):
+            out.append(f"label {what} {[round(v, 5) for v in b]} differs from image {what} {[round(v, 5) for v in a]}")
+    try:
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(ds.label_file(cid))))
+    except RuntimeError as e:
+        return out + [f"cannot read label file: {str(e).strip().splitlines()[-1]}"]
+    allowed = valid_fg | {0} | ({ds.ignore_label} if ds.ignore_label is not None else set())
+    bad = sorted(int(v) for v in np.unique(arr) if int(v) not in allowed or v != int(v))
+    if bad:
+        out.append(f"label values {bad[:10]} are not in dataset.json labels {sorted(allowed)}")
+    return out
+
+
 def validate_against_dataset(manifest: Manifest, ds: RawDataset, check_label_files: bool = True,
                              generated: set[str] | None = None, problems: list[str] | None = None,
                              mentioned: set[str] | None = None) -> tuple[Manifest, list[str]]:
@@ -324,6 +349,8 @@ def validate_against_dataset(manifest: Manifest, ds: RawDataset, check_label_fil
         if sup.type == "mask":
             if not lab.is_file() or lab.name in generated:
                 problems.append(f"{p}: type 'mask' but no label file labelsTr/{lab.name}")
+            elif check_label_files:
+                problems.extend(f"{p}: {m}" for m in _check_mask(ds, cid, valid_fg))
         elif lab.is_file() and lab.name not in generated and check_label_files:
             problems.append(f"{p}: type {sup.type!r} but labelsTr/{lab.name} exists and was not written by "
                             "nnunet-mixsup; refusing to overwrite a user's label file (declare the case 'mask' or "

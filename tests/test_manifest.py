@@ -129,3 +129,17 @@ def test_user_label_file_of_generated_case_is_protected(ds):
     sitk.WriteImage(new, str(lab), True)
     assert any("case_004" in p and "not written by nnunet-mixsup" in p for p in problems_of(ds))
     assert (ds / GENERATED_RECORD).is_file()
+
+
+def test_mask_geometry_and_label_values_checked(ds):
+    lab = ds / "labelsTr" / "case_000.nii.gz"
+    img = sitk.ReadImage(str(lab))
+    arr = sitk.GetArrayFromImage(img)
+    arr[0, 0, 0] = 9
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(img)
+    bad.SetSpacing((9.0, 1.0, 1.0))
+    sitk.WriteImage(bad, str(lab), True)
+    p = "\n".join(problems_of(ds))
+    assert "case 'case_000': label spacing" in p
+    assert "case 'case_000': label values [9]" in p
