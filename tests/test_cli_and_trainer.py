@@ -77,3 +77,26 @@ def test_intensity_statistics_come_from_mask_foreground_only(planned_3d):
     assert v.min() - 1e-6 <= stats["percentile_00_5"] and stats["percentile_99_5"] <= v.max() + 1e-6
     # stock nnU-Net would have used seg > 0 incl. ignore = whole boxes and unlabelled images (mostly tissue)
     assert fp["nnunet_mixsup"]["num_mask_cases"] == 3
+
+
+@pytest.mark.slow
+def test_regular_install_ships_the_trainer_folder(tmp_path):
+    """``pip install .`` (non-editable) must carry trainers/ as nnunet_mixsup.ext_trainers."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), str(root)], capture_output=True, text=True, check=False)
+    if r.returncode != 0 and "No module named" in r.stderr:
+        pytest.skip("setuptools/wheel not available for an isolated build")
+    assert r.returncode == 0, r.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert "nnunet_mixsup/ext_trainers/mixsup_trainers.py" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    str(next(tmp_path.glob("*.whl")))], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", "import nnunet_mixsup.cli as c; print(c.trainers_path())"],
+                         cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(target)},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str((target / "nnunet_mixsup" / "ext_trainers").resolve())
