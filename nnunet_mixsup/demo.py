@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -81,11 +82,13 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
     pp = workdir / "nnUNet_preprocessed"
     ms = [sys.executable, "-m", "nnunet_mixsup.cli"]
 
-    if not (pp / tgt_name / PLANS / "..").exists() or not (pp / tgt_name / f"{PLANS}.json").is_file():
+    plans_marker = pp / tgt_name / f".mixsup_demo_{PLANS}_{config}.done"
+    if not plans_marker.is_file():
         print("[demo] planning and preprocessing (once, on the mixed-supervision dataset)")
         _run(ms + ["plan_and_preprocess", "-d", str(TARGET_ID), "-c", config, "-np", "2"], env, log)
         _run(ms + ["small-plans", "-d", str(TARGET_ID), "-c", config, "--target-plans", PLANS,
                    "--max-features", "128", "--base-features", "16", "--batch-size", "12"], env, log)
+        plans_marker.write_text("planned and preprocessed\n")
     sup = json.loads((raw / tgt_name / "supervision.json").read_text())["cases"]
     mask_ids = sorted(c for c, s in sup.items() if s["type"] == "mask")
     all_ids = sorted(sup)
@@ -94,13 +97,16 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
     (pp / tgt_name / "splits_final.json").write_text(json.dumps(
         [{"train": all_ids, "val": mask_ids}, {"train": mask_ids, "val": mask_ids}], indent=1))
 
-    if not skip_upper and not (pp / src_name / f"{PLANS}.json").is_file():
+    done_marker = pp / src_name / f".mixsup_demo_{PLANS}_{config}.done"
+    if not skip_upper and not done_marker.is_file():
         print("[demo] same plans for the fully supervised upper bound")
         _run([_bin("nnUNetv2_extract_fingerprint"), "-d", str(SOURCE_ID), "-np", "2"], env, log)
+        shutil.copyfile(raw / src_name / "dataset.json", pp / src_name / "dataset.json")
         _run([_bin("nnUNetv2_move_plans_between_datasets"), "-s", str(TARGET_ID), "-t", str(SOURCE_ID),
               "-sp", PLANS, "-tp", PLANS], env, log)
         _run([_bin("nnUNetv2_preprocess"), "-d", str(SOURCE_ID), "-plans_name", PLANS, "-c", config, "-np", "2"],
              env, log)
+        done_marker.write_text("preprocessed\n")
     if not skip_upper:
         (pp / src_name / "splits_final.json").write_text(json.dumps([{"train": all_ids, "val": mask_ids}], indent=1))
 
@@ -152,13 +158,9 @@ def _table(rows: list, label_map: dict) -> str:
     lines = []
     for name, desc, res in rows:
         s = res["summary"]
-        d = [s["per_class"][str(c)]["dice"]["mean"] if "per_class" in s else s[str(c)]["dice"]["mean"]
-             for c in classes]
-        hd = [s["per_class"][str(c)]["hd95"]["mean"] if "per_class" in s else s[str(c)]["hd95"]["mean"]
-              for c in classes]
-        hd = [h for h in hd if h is not None and h == h]
+        d = [s[c]["dice"]["mean"] for c in classes]
         lines.append(f"| {name}: {desc} | " + " | ".join(f"{v:.3f}" for v in d) +
-                     f" | {sum(d) / len(d):.3f} | {(sum(hd) / len(hd)) if hd else float('nan'):.2f} |")
+                     f" | {s['mean']['dice']['mean']:.3f} | {s['mean']['hd95']['mean']:.2f} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -173,9 +175,7 @@ def _plot(rows: list, path: Path) -> None:
     names = [r[0] for r in rows]
     vals = []
     for _, _, res in rows:
-        s = res["summary"]
-        m = s.get("mean", {}).get("dice")
-        vals.append(m["mean"] if isinstance(m, dict) else m)
+        vals.append(res["summary"]["mean"]["dice"]["mean"])
     ax.bar(names, vals, color=["#999", "#2a7", "#37c"][: len(names)])
     ax.set_ylabel("mean Dice (test split)")
     ax.set_ylim(0, 1)
