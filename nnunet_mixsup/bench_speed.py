@@ -19,8 +19,9 @@ import torch
 
 
 def _make_trainer(name: str, plans: dict, config: str, dataset_json: dict, device: torch.device):
-    import nnunet_mixsup.trainer as T
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    import nnunet_mixsup.trainer as T
 
     cls = nnUNetTrainer if name == "nnUNetTrainer" else getattr(T, name)
     p = json.loads(json.dumps(plans))
