@@ -54,6 +54,7 @@ class MixSupTrainer(nnUNetTrainer):
     Attributes (hyperparameters):
         strong_fraction: share of every training batch drawn from mask cases.
         negative_weight: weight of the certain-negative term (``CertainNegativeLoss``).
+        max_consecutive_bad_steps: non-finite losses are skipped; this many in a row stop training.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -61,6 +62,8 @@ class MixSupTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.strong_fraction = 0.5
         self.negative_weight = 1.0
+        self.max_consecutive_bad_steps = 10
+        self.consecutive_bad_steps = 0
         self.supervision: dict[str, CaseSupervision] | None = None
         self.loss_term_names: tuple[str, ...] = ("supervised", "negatives")
 
@@ -200,6 +203,9 @@ class MixSupTrainer(nnUNetTrainer):
                 output = [output]
             terms = self.compute_loss(output, seg, allowed, batch)
             loss = sum(terms.values())
+        if not torch.isfinite(loss.detach()):
+            return self.skip_non_finite_step(terms)
+        self.consecutive_bad_steps = 0
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -214,6 +220,21 @@ class MixSupTrainer(nnUNetTrainer):
         out.update({f"loss_{k}": float(v.detach()) for k, v in terms.items()})
         return out
 
+    def skip_non_finite_step(self, terms: dict[str, torch.Tensor]) -> dict:
+        """Skip an optimiser step whose loss is NaN/inf; stop after ``max_consecutive_bad_steps``.
+
+        The message names the loss term(s) that went bad, so a user knows where to look.
+        """
+        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach())]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_bad_steps = getattr(self, "consecutive_bad_steps", 0) + 1
+        self.print_to_log_file(f"non-finite loss in term(s) {bad}: step skipped "
+                               f"({self.consecutive_bad_steps} in a row)")
+        if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
+            raise RuntimeError(f"{self.consecutive_bad_steps} consecutive non-finite losses (term(s) {bad}); "
+                               "stopping. Check the input data and the loss weights.")
+        return {"loss": np.array(np.nan), **{f"loss_{k}": np.nan for k in terms}}
+
     # -------------------------------------------------------------------------------- logging
     def on_train_start(self):
         super().on_train_start()
@@ -227,6 +248,8 @@ class MixSupTrainer(nnUNetTrainer):
             self.logger.local_logger.my_fantastic_logging.setdefault(f"train_loss_{k}", [])
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
+        finite = [o for o in train_outputs if np.isfinite(o["loss"])]
+        train_outputs = finite or train_outputs  # skipped (non-finite) steps do not enter the epoch mean
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
         log = self.logger.local_logger.my_fantastic_logging

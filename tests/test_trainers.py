@@ -75,3 +75,26 @@ def test_boxes_inside_patch():
 def test_manifest_sidecar_required_with_ignore_label(planned_3d, tmp_path):
     info = dict(planned_3d)
     assert json.loads((info["pp"] / "dataset.json").read_text())["labels"]["ignore"] == 3
+
+
+def test_non_finite_loss_is_skipped_then_stops(planned_3d):
+    tr = _trainer("MixSupTrainer", planned_3d, "3d_fullres")
+    tr.max_consecutive_bad_steps = 2
+    dl_tr, dl_val = tr.get_dataloaders()
+    try:
+        batch = next(dl_tr)
+    finally:
+        for d in (dl_tr, dl_val):
+            if hasattr(d, "_finish"):
+                d._finish()
+    before = [p.detach().clone() for p in tr.network.parameters()]
+    bad = dict(batch)
+    bad["data"] = batch["data"].clone()
+    bad["data"][0, 0, 0, 0, 0] = float("nan")
+    out = tr.train_step(bad)
+    assert np.isnan(out["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.network.parameters())), "a bad step changed weights"
+    with pytest.raises(RuntimeError, match="consecutive non-finite losses"):
+        tr.train_step(bad)
+    tr.consecutive_bad_steps = 0
+    assert np.isfinite(tr.train_step(batch)["loss"])
