@@ -48,8 +48,12 @@ def _run(cmd: list[str], env: dict, log: Path) -> None:
 
 
 def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.1, n_train: int = 20,
-             n_test: int = 10, skip_upper: bool = False) -> Path:
-    """Run the demo in ``workdir``; returns the path of the results table (Markdown)."""
+             n_test: int = 10, skip_upper: bool = False, extra_trainers: tuple[str, ...] = ()) -> Path:
+    """Run the demo in ``workdir``; returns the path of the results table (Markdown).
+
+    ``extra_trainers``: further MixSup trainer variants (e.g. ``MixSupTrainer_WeakOnly``), trained
+    on the mixed-supervision dataset like ``MixSupTrainer`` (same plans, budget via their own class).
+    """
     from nnunet_mixsup.cli import trainers_path
 
     workdir = workdir.resolve()
@@ -113,7 +117,10 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
     results = workdir / "results"
     results.mkdir(exist_ok=True)
     rows = []
-    for name, (did, trainer, fold, desc) in RUNS.items():
+    runs = dict(RUNS)
+    for t in extra_trainers:
+        runs[t] = (TARGET_ID, t, 0, f"{t}, masks + weak labels")
+    for name, (did, trainer, fold, desc) in runs.items():
         if skip_upper and name == "upper":
             continue
         dname = maybe_convert_to_dataset_name(did)
@@ -195,5 +202,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--train", type=int, default=20)
     s.add_argument("--test", type=int, default=10)
     s.add_argument("--skip-upper", action="store_true", help="do not train the fully supervised upper bound")
-    s.set_defaults(func=lambda a: (run_demo(a.workdir, a.config, a.seed, a.masks, a.train, a.test, a.skip_upper),
-                                   0)[1])
+    s.add_argument("--extra-trainers", nargs="*", default=[], help="more MixSup variants to compare, e.g. "
+                                                                  "MixSupTrainer_WeakOnly_Demo")
+    s.set_defaults(func=lambda a: (run_demo(a.workdir, a.config, a.seed, a.masks, a.train, a.test, a.skip_upper,
+                                            tuple(a.extra_trainers)), 0)[1])

@@ -453,3 +453,28 @@ class MixSupTrainer_Demo(MixSupTrainer):
         self.num_iterations_per_epoch = nnUNetTrainer_MixSupDemo.demo_iterations
         self.num_val_iterations_per_epoch = 5
         self.save_every = 10
+
+
+class MixSupTrainer_WeakOnly_Demo(MixSupTrainer_WeakOnly):
+    """``MixSupTrainer_WeakOnly`` with the demo's short budget (entropy ramp shortened to match)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = nnUNetTrainer_MixSupDemo.demo_epochs
+        self.num_iterations_per_epoch = nnUNetTrainer_MixSupDemo.demo_iterations
+        self.num_val_iterations_per_epoch = 5
+        self.save_every = 10
+        self.entropy_rampup_epochs = self.num_epochs // 4
+
+
+class MixSupTrainer_MLDS_Demo(MixSupTrainer_MLDS):
+    """``MixSupTrainer_MLDS`` (mask cases only) with the demo's short budget."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = nnUNetTrainer_MixSupDemo.demo_epochs
+        self.num_iterations_per_epoch = nnUNetTrainer_MixSupDemo.demo_iterations
+        self.num_val_iterations_per_epoch = 5
+        self.save_every = 10

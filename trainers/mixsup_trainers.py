@@ -3,7 +3,9 @@ from nnunet_mixsup.trainer import (  # noqa: F401
     MixSupTrainer,
     MixSupTrainer_Demo,
     MixSupTrainer_MLDS,
+    MixSupTrainer_MLDS_Demo,
     MixSupTrainer_Smoke,
     MixSupTrainer_WeakOnly,
+    MixSupTrainer_WeakOnly_Demo,
     nnUNetTrainer_MixSupDemo,
 )
