@@ -68,6 +68,25 @@ class MixSupDataLoader(nnUNetDataLoader):
         np.random.shuffle(keys)
         return keys
 
+    def oversample_per_group(self, keys: Sequence[str]) -> list[bool]:
+        """nnU-Net's foreground oversampling applied within the mask and within the weak samples.
+
+        nnU-Net forces the last ``oversample_foreground_percent`` of a batch to contain foreground.
+        Applied to a mixed batch by position, mask samples would get fewer forced-foreground patches
+        than in stock nnU-Net; here each group gets nnU-Net's share (mask: class locations, box:
+        box-centred), so small classes are sampled as often per mask sample as stock nnU-Net does.
+        """
+        force = [False] * len(keys)
+        for group in ("mask", "weak"):
+            idx = [j for j, k in enumerate(keys) if (self.supervision[k].type == "mask") == (group == "mask")]
+            n = len(idx)
+            for rank, j in enumerate(idx):
+                if self.get_do_oversample == self._probabilistic_oversampling:
+                    force[j] = np.random.uniform() < self.oversample_foreground_percent
+                else:
+                    force[j] = not rank < round(n * (1 - self.oversample_foreground_percent))
+        return force
+
     def preprocessed_boxes(self, sup: CaseSupervision, properties: dict,
                            shape: Sequence[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """The case's boxes as (label, lo, hi) in preprocessed voxel coordinates (see :mod:`geometry`)."""
@@ -122,12 +141,13 @@ class MixSupDataLoader(nnUNetDataLoader):
     # ----------------------------------------------------------------------------------------------
     def generate_train_batch(self) -> dict:
         selected_keys = self.get_indices()
+        force = self.oversample_per_group(selected_keys)
         data_all, seg_all = None, None
         sup_types = torch.empty(self.batch_size, dtype=torch.long)
         tags = torch.empty((self.batch_size, len(self.foreground_labels)), dtype=torch.float32)
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(selected_keys):
-                force_fg = self.get_do_oversample(j)
+                force_fg = force[j]
                 data, seg, seg_prev, properties = self._data.load_case(key)
                 if seg_prev is not None:
                     raise NotImplementedError("nnunet-mixsup does not support cascaded configurations")

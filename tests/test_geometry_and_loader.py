@@ -167,3 +167,13 @@ def test_boxes_follow_spatial_augmentation(which, config, request):
                 covered += int((b["target"][j, 1 + ci][obj] > 0).sum())
     assert total > 0
     assert covered / total > 0.99, f"only {covered}/{total} object voxels inside their augmented boxes"
+
+
+def test_oversampling_applies_within_each_group(planned_3d):
+    dl, _, _ = _loader(planned_3d, "3d_fullres", _supervision(planned_3d), batch_size=6, strong_fraction=0.5)
+    keys = dl.get_indices()
+    force = dl.oversample_per_group(keys)
+    mask = [f for k, f in zip(keys, force) if dl.supervision[k].type == "mask"]
+    weak = [f for k, f in zip(keys, force) if dl.supervision[k].type != "mask"]
+    # nnU-Net with 3 samples and 0.33 forces round(3 * 0.67) = 2 random, 1 foreground – in each group
+    assert sum(mask) == 1 and sum(weak) == 1
