@@ -48,6 +48,15 @@ from nnunet_mixsup.prepare import supervision_summary
 from nnunet_mixsup.splits import mixsup_splits
 
 
+def set_budget(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterations: int = 5,
+               save_every: int = 10) -> None:
+    """Give a trainer a short schedule (nnU-Net's own attributes); used by the demo/smoke variants."""
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = val_iterations
+    trainer.save_every = save_every
+
+
 class MixSupTrainer(nnUNetTrainer):
     """nnU-Net trainer that learns from mask, box, image-tag and unlabelled cases together.
 
@@ -419,9 +428,7 @@ class MixSupTrainer_Smoke(MixSupTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 4
-        self.num_val_iterations_per_epoch = 2
+        set_budget(self, 2, 4, 2)
 
 
 class nnUNetTrainer_MixSupDemo(nnUNetTrainer):
@@ -437,10 +444,7 @@ class nnUNetTrainer_MixSupDemo(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = self.demo_epochs
-        self.num_iterations_per_epoch = self.demo_iterations
-        self.num_val_iterations_per_epoch = 5
-        self.save_every = 10
+        set_budget(self, self.demo_epochs, self.demo_iterations)
 
 
 class MixSupTrainer_Demo(MixSupTrainer):
@@ -449,10 +453,7 @@ class MixSupTrainer_Demo(MixSupTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = nnUNetTrainer_MixSupDemo.demo_epochs
-        self.num_iterations_per_epoch = nnUNetTrainer_MixSupDemo.demo_iterations
-        self.num_val_iterations_per_epoch = 5
-        self.save_every = 10
+        set_budget(self, nnUNetTrainer_MixSupDemo.demo_epochs, nnUNetTrainer_MixSupDemo.demo_iterations)
 
 
 class MixSupTrainer_WeakOnly_Demo(MixSupTrainer_WeakOnly):
@@ -461,10 +462,7 @@ class MixSupTrainer_WeakOnly_Demo(MixSupTrainer_WeakOnly):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = nnUNetTrainer_MixSupDemo.demo_epochs
-        self.num_iterations_per_epoch = nnUNetTrainer_MixSupDemo.demo_iterations
-        self.num_val_iterations_per_epoch = 5
-        self.save_every = 10
+        set_budget(self, nnUNetTrainer_MixSupDemo.demo_epochs, nnUNetTrainer_MixSupDemo.demo_iterations)
         self.entropy_rampup_epochs = self.num_epochs // 4
 
 
@@ -474,7 +472,4 @@ class MixSupTrainer_MLDS_Demo(MixSupTrainer_MLDS):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = nnUNetTrainer_MixSupDemo.demo_epochs
-        self.num_iterations_per_epoch = nnUNetTrainer_MixSupDemo.demo_iterations
-        self.num_val_iterations_per_epoch = 5
-        self.save_every = 10
+        set_budget(self, nnUNetTrainer_MixSupDemo.demo_epochs, nnUNetTrainer_MixSupDemo.demo_iterations)

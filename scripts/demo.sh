@@ -4,13 +4,6 @@
 # Usage: bash scripts/demo.sh [nnunet-mixsup demo options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-. .venv/bin/activate
-if ! python -c "import nnunet_mixsup, nnunetv2, nilearn, matplotlib" 2>/dev/null; then
-  python -m pip install -q --upgrade pip
-  python -m pip install -q -e ".[demo]"
-fi
+MIXSUP_NEEDS="nnunet_mixsup, nnunetv2, nilearn, matplotlib" MIXSUP_EXTRAS="demo"
+. scripts/_venv.sh
 nnunet-mixsup demo "$@"
