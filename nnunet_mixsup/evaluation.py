@@ -44,7 +44,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -139,6 +138,7 @@ def compute_case_metrics(
     Raises:
         ValueError: shape mismatch, wrong spacing length / non-positive spacing, bad tolerance,
             or a label equal to ``ignore_label``.
+        TypeError: a label that is not an integer.
     """
     ref = np.asarray(ref)
     pred = np.asarray(pred)
@@ -172,7 +172,7 @@ def compute_case_metrics(
 
 def _as_label(value: Any) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"labels must be integers, got {value!r}")
+        raise TypeError(f"labels must be integers, got {value!r}")
     return int(value)
 
 
@@ -395,15 +395,9 @@ def _fmt(value: Any) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from nnunet_mixsup.prepare import atomic_write_text
+
+    atomic_write_text(path, text, newline="")
 
 
 def _csv_text(rows: list[list[Any]]) -> str:

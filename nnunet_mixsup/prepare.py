@@ -67,12 +67,12 @@ def preprocessed_dataset_folder(dataset: str | int) -> Path:
     return Path(nnUNet_preprocessed.get()) / maybe_convert_to_dataset_name(dataset)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, newline: str | None = None) -> None:
     """Write a text file via a temporary file in the same folder and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

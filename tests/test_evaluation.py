@@ -256,7 +256,7 @@ def test_evaluate_folders_parallel_equals_sequential(tmp_path):
 
 def test_geometry_mismatch_names_case(tmp_path):
     ref_dir, pred_dir, arrays = make_folders(tmp_path)
-    r, p = arrays["case_b"]
+    _, p = arrays["case_b"]
     write_img(pred_dir / "case_b.nii.gz", p, spacing=(0.5, 1.0, 2.0 + 1e-4))  # within tolerance
     evaluate_folders(ref_dir, pred_dir, [1, 2])
     write_img(pred_dir / "case_b.nii.gz", p, spacing=(0.5, 1.0, 2.01))
