@@ -35,9 +35,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from nnunet_mixsup.prepare import prepare_dataset, supervision_summary
 
     res = prepare_dataset(args.d)
-    fg = sorted({b.label for s in res.manifest.cases.values() for b in s.boxes} |
-                {p for s in res.manifest.cases.values() for p in s.present})
-    print(supervision_summary(res.manifest, fg, {}))
+    print(supervision_summary(res.manifest, sorted(res.label_names), res.label_names))
     print(f"wrote {len(res.written)} derived label map(s), {len(res.unchanged)} unchanged; "
           f"ignore label: {res.ignore_label}")
     return 0

@@ -130,6 +130,7 @@ class PrepareResult:
     ignore_label: int | None
     written: list[str]
     unchanged: list[str]
+    label_names: dict[int, str]  # foreground label -> name, from dataset.json
 
 
 def load_and_validate(folder: Path) -> tuple[RawDataset, Manifest, dict[str, str]]:
@@ -193,7 +194,7 @@ def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True
                 continue
             staged[name] = (tmp, digest)
 
-        record = {n: d for n, d in generated.items()}
+        record = dict(generated)
         record.update({n: d for n, (_, d) in staged.items()})
         # the record goes first, so an interrupted run is recognised (and finished) by the next one
         atomic_write_json(folder / GENERATED_RECORD, {"files": dict(sorted(record.items())),
@@ -219,7 +220,8 @@ def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True
         atomic_write_json(pp / MANIFEST_NAME, manifest.to_json())
     except RuntimeError:
         pass
-    return PrepareResult(manifest, ignore, written, unchanged)
+    names = {v: k for k, v in ds.dataset_json["labels"].items() if v in ds.foreground_labels}
+    return PrepareResult(manifest, ignore, written, unchanged, names)
 
 
 def supervision_summary(manifest: Manifest, foreground_labels: list[int], label_names: dict[int, str]) -> str:

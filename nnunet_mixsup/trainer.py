@@ -43,7 +43,14 @@ from nnunet_mixsup.losses import (
     labels_to_pos_known,
     multilabel_pooled_targets,
 )
-from nnunet_mixsup.manifest import MANIFEST_NAME, TYPE_CODES, CaseSupervision, ManifestError, parse_manifest
+from nnunet_mixsup.manifest import (
+    MANIFEST_NAME,
+    TYPE_CODES,
+    CaseSupervision,
+    Manifest,
+    ManifestError,
+    parse_manifest,
+)
 from nnunet_mixsup.prepare import supervision_summary
 from nnunet_mixsup.splits import mixsup_splits
 
@@ -250,7 +257,6 @@ class MixSupTrainer(nnUNetTrainer):
         if self.local_rank == 0:
             names = {v: k for k, v in self.dataset_json["labels"].items() if isinstance(v, int)}
             sup = self.load_supervision()
-            from nnunet_mixsup.manifest import Manifest
             self.print_to_log_file("nnunet-mixsup " + supervision_summary(
                 Manifest(dict(sup)), list(self.label_manager.foreground_labels), names))
         for k in self.loss_term_names:
