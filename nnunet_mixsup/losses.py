@@ -45,6 +45,7 @@ __all__ = [
     "ema_update",
     "labels_to_pos_known",
     "multilabel_pooled_targets",
+    "pseudo_label_map",
 ]
 
 
@@ -565,3 +566,34 @@ def constrain_pseudo_labels(probs: Tensor, allowed: Tensor) -> Tensor:
     bg = torch.where(empty, torch.ones_like(s), q[:, :1])
     q = torch.cat([bg, q[:, 1:]], dim=1)
     return q / torch.where(empty, torch.ones_like(s), s)
+
+
+def pseudo_label_map(probs: Tensor, target: Tensor, ignore_index: int, threshold: float = 0.0,
+                     sample_mask: Tensor | None = None) -> Tensor:
+    """Hard label map that keeps every real label and fills unknown voxels with confident pseudo labels.
+
+    Where ``target`` is known (``!= ignore_index``) the real label is kept. Where it is unknown and
+    the sample is selected by ``sample_mask``, the voxel gets ``argmax_c probs`` if ``max_c probs
+    >= threshold``, else it stays ``ignore_index``. ``probs`` should already be constrained by the
+    weak labels (:func:`constrain_pseudo_labels`), so a pseudo label never contradicts a box or an
+    image tag.
+
+    Args:
+        probs: (B, C, *spatial) class probabilities (teacher softmax), C = classes incl. background.
+        target: (B, 1, *spatial) integer label map with ``ignore_index`` for unknown voxels.
+        ignore_index: the "unknown" value of ``target`` (nnU-Net's ignore label).
+        threshold: minimum confidence (max probability) for a pseudo label; 0 accepts every voxel.
+        sample_mask: optional (B,) bool; unselected samples keep ``target`` unchanged.
+
+    Returns:
+        (B, 1, *spatial) tensor of ``target``'s dtype (no gradient).
+    """
+    _check_logits(probs, "probs")
+    if target.shape != (probs.shape[0], 1, *probs.shape[2:]):
+        raise ValueError(f"target must have shape {(probs.shape[0], 1, *probs.shape[2:])}, got {tuple(target.shape)}")
+    with torch.no_grad():
+        conf, cls = probs.float().max(dim=1, keepdim=True)
+        fill = (target == ignore_index) & (conf >= threshold)
+        if sample_mask is not None:
+            fill &= sample_mask.to(torch.bool).view(-1, *([1] * (target.ndim - 1)))
+        return torch.where(fill, cls.to(target.dtype), target)

@@ -32,7 +32,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
+from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_mixsup.data import MixSupDataLoader
 from nnunet_mixsup.losses import (
@@ -62,6 +64,24 @@ def set_budget(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterati
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = val_iterations
     trainer.save_every = save_every
+    apply_env_budget(trainer)
+
+
+BUDGET_ENV = ("nnUNet_mixsup_epochs", "nnUNet_mixsup_iterations")
+
+
+def apply_env_budget(trainer: nnUNetTrainer) -> None:
+    """Let ``nnUNet_mixsup_epochs`` / ``nnUNet_mixsup_iterations`` override the schedule, if set.
+
+    Benchmarks must train every run - the stock baseline included - with the same budget; the
+    environment (nnU-Net's own way of passing settings to ``nnUNetv2_train``) does that without a
+    trainer class per budget. Unset, nothing changes.
+    """
+    e, i = (os.environ.get(k) for k in BUDGET_ENV)
+    if e:
+        trainer.num_epochs = int(e)
+    if i:
+        trainer.num_iterations_per_epoch = int(i)
 
 
 class MixSupTrainer(nnUNetTrainer):
@@ -82,6 +102,73 @@ class MixSupTrainer(nnUNetTrainer):
         self.consecutive_bad_steps = 0
         self.supervision: dict[str, CaseSupervision] | None = None
         self.loss_term_names: tuple[str, ...] = ("supervised", "negatives")
+        # modules beyond self.network (EMA teacher, second decoder / network, extra heads); they are
+        # built in initialize(), optimised with self.network if trainable, and saved in checkpoints
+        self.extra_modules: dict[str, nn.Module] = {}
+        apply_env_budget(self)
+
+    # -------------------------------------------------------------------------------- extra modules
+    def build_extra_modules(self) -> dict[str, nn.Module]:
+        """Modules a variant needs besides ``self.network`` (none here). Called once by initialize()."""
+        return {}
+
+    def initialize(self):
+        """nnU-Net's initialize, then the variant's extra modules.
+
+        Trainable extra modules join nnU-Net's SGD optimizer as a second parameter group (same
+        lr schedule, momentum and weight decay), so optimizer and grad-scaler state cover them.
+        Under DDP each trainable extra module gets its own DistributedDataParallel wrapper
+        (gradients all-reduced like the network's; initial weights broadcast from rank 0).
+        Non-trainable ones (an EMA teacher) need no wrapper: they are a deterministic function
+        of the synchronised student weights, so every rank computes the same teacher.
+        """
+        first = not self.was_initialized
+        super().initialize()
+        if not first:
+            return
+        self.extra_modules = self.build_extra_modules()
+        trainable = [p for m in self.extra_modules.values() for p in m.parameters() if p.requires_grad]
+        if trainable:
+            self.optimizer.add_param_group({"params": trainable})
+        if self.is_ddp:
+            for k, m in self.extra_modules.items():
+                if any(p.requires_grad for p in m.parameters()):
+                    self.extra_modules[k] = DDP(m, device_ids=[self.local_rank])
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer updates (for gradient clipping)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus ``mixsup_state`` (the extra modules' weights).
+
+        ``network_weights`` stays the exported network alone, so stock ``nnUNetv2_predict`` and
+        ensembling load it unchanged. The file is rewritten atomically (temp file + rename).
+        """
+        super().save_checkpoint(filename)
+        if self.local_rank != 0 or self.disable_checkpointing or not self.extra_modules:
+            return
+        ckpt = torch.load(filename, map_location="cpu", weights_only=False)
+        ckpt["mixsup_state"] = {k: unwrap(m).state_dict() for k, m in self.extra_modules.items()}
+        tmp = filename + ".mixsup_tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's load (network, optimizer incl. the extra group, scaler, logs, epoch) + extra modules."""
+        super().load_checkpoint(filename_or_checkpoint)
+        if not self.extra_modules:
+            return
+        ckpt = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        state = ckpt.get("mixsup_state")
+        missing = [k for k in self.extra_modules if state is None or k not in state]
+        if missing:
+            raise RuntimeError(f"checkpoint has no state for {missing} (teacher / second network), so "
+                               f"{type(self).__name__} cannot resume exactly; it was written by "
+                               f"{ckpt.get('trainer_name')!r}. Start without --c or use the matching trainer.")
+        for k, m in self.extra_modules.items():
+            unwrap(m).load_state_dict(state[k])
 
     # -------------------------------------------------------------------------------- supervision
     def load_supervision(self) -> dict[str, CaseSupervision]:
@@ -206,6 +293,17 @@ class MixSupTrainer(nnUNetTrainer):
         terms["negatives"] = self.negative_weight * neg
         return terms
 
+    def forward_and_loss(self, data: torch.Tensor, seg: list[torch.Tensor], allowed: list[torch.Tensor],
+                         batch: dict) -> dict[str, torch.Tensor]:
+        """Network forward pass(es) and the named loss terms; teacher-student variants override this."""
+        output = self.network(data)
+        if not isinstance(output, (list, tuple)):
+            output = [output]
+        return self.compute_loss(output, seg, allowed, batch)
+
+    def after_optimizer_step(self) -> None:
+        """Called after every successful optimizer step (the mean teacher's EMA update goes here)."""
+
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
@@ -214,10 +312,7 @@ class MixSupTrainer(nnUNetTrainer):
         allowed = [t[:, 1:] for t in target]
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
-            if not isinstance(output, (list, tuple)):
-                output = [output]
-            terms = self.compute_loss(output, seg, allowed, batch)
+            terms = self.forward_and_loss(data, seg, allowed, batch)
             loss = sum(terms.values())
         if not torch.isfinite(loss.detach()):
             return self.skip_non_finite_step(terms)
@@ -225,13 +320,14 @@ class MixSupTrainer(nnUNetTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), 12)
             self.optimizer.step()
+        self.after_optimizer_step()
         out = {"loss": loss.detach().cpu().numpy()}
         out.update({f"loss_{k}": float(v.detach()) for k, v in terms.items()})
         return out
@@ -311,6 +407,15 @@ class MixSupTrainer(nnUNetTrainer):
         fig.savefig(join(self.output_folder, "progress_mixsup.png"))
         plt.close(fig)
 
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    if isinstance(module, DDP):
+        module = module.module
+    if isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 def boxes_inside_patch(box_masks: torch.Tensor) -> torch.Tensor:
@@ -435,6 +540,19 @@ class MixSupTrainer_Smoke(MixSupTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         set_budget(self, 2, 4, 2)
+
+
+class nnUNetTrainer_MixSupBudget(nnUNetTrainer):
+    """Stock ``nnUNetTrainer`` whose schedule follows ``nnUNet_mixsup_epochs`` / ``_iterations``.
+
+    The baseline of ``nnunet-mixsup benchmark``: identical to ``nnUNetTrainer`` except that it
+    honours the same budget variables as the MixSup trainers.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_env_budget(self)
 
 
 class nnUNetTrainer_MixSupDemo(nnUNetTrainer):

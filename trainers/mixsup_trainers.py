@@ -7,5 +7,11 @@ from nnunet_mixsup.trainer import (  # noqa: F401
     MixSupTrainer_Smoke,
     MixSupTrainer_WeakOnly,
     MixSupTrainer_WeakOnly_Demo,
+    nnUNetTrainer_MixSupBudget,
     nnUNetTrainer_MixSupDemo,
+)
+from nnunet_mixsup.trainer_distill import (  # noqa: F401
+    MixSupTrainer_DMD,
+    MixSupTrainer_DualBranch,
+    MixSupTrainer_MeanTeacher,
 )

@@ -1,0 +1,259 @@
+"""Teacher-student trainers: mean-taught deep supervision, dual-branch distillation, deep mutual distillation.
+
+All three extend :class:`nnunet_mixsup.trainer.MixSupTrainer_WeakOnly` (mixed-supervision loader,
+MLDS, certain negatives, box tightness, entropy) and add one teacher-student scheme. Follow a
+batch: ``train_step`` -> :meth:`forward_and_loss` (student forward through ``self.network``, the
+extra forward passes, pseudo labels) -> named loss terms (plain modules of
+:mod:`nnunet_mixsup.losses`) -> one optimizer step -> :meth:`after_optimizer_step`.
+
+What is exported: ``self.network`` is always one stock nnU-Net network (student / first network),
+so ``checkpoint['network_weights']`` loads into ``build_network_architecture(...,
+enable_deep_supervision=False)`` and stock ``nnUNetv2_predict`` costs what stock nnU-Net costs.
+Teacher, second decoder or second network live in ``self.extra_modules``; ``MixSupTrainer``
+saves them in the checkpoint (``mixsup_state``) and restores them on ``--c``; trainable ones share
+nnU-Net's optimizer (a second parameter group) and grad scaler.
+
+DDP (``-num_gpus N``): the student is wrapped by nnU-Net; trainable extra modules get their own
+DDP wrapper in ``MixSupTrainer.initialize`` (gradients all-reduced, initial weights broadcast from
+rank 0); the EMA teacher is not trained and is updated from the synchronised student weights, so
+it is identical on every rank without communication. Feature taps (forward hooks) read the
+encoder / last decoder stage of the plain module inside the wrappers; torch.compile is disabled
+for the hook-based variants because hooks on compiled submodules are not reliably called.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from nnunet_mixsup.losses import (
+    EntropyLoss,
+    KLDistillationLoss,
+    SoftDiceAgreementLoss,
+    constrain_pseudo_labels,
+    ema_update,
+    pseudo_label_map,
+)
+from nnunet_mixsup.manifest import TYPE_CODES
+from nnunet_mixsup.trainer import MixSupTrainer_WeakOnly, unwrap
+
+
+class FeatureTap:
+    """Keeps the latest output of a submodule (a forward hook), e.g. the encoder's skip list."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple, output) -> None:
+        self.value = output
+
+    def pop(self):
+        """The captured output (and forget it, so a stale value is never reused)."""
+        v, self.value = self.value, None
+        if v is None:
+            raise RuntimeError("feature tap: the hooked module did not run in this forward pass")
+        return v
+
+
+def linear_rampup(epoch: int, length: int) -> float:
+    """0 -> 1 linearly over ``length`` epochs (1 from the start if ``length`` <= 0)."""
+    return 1.0 if length <= 0 else min(1.0, (epoch + 1) / length)
+
+
+def _first(output):
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+class _TeacherStudentBase(MixSupTrainer_WeakOnly):
+    """Shared plumbing: sample groups of a batch and the ramp-up."""
+
+    distill_rampup = 0.25
+
+    def _do_i_compile(self) -> bool:
+        return False
+
+    def distill_ramp(self) -> float:
+        """Weight factor of the distillation terms: linear 0 -> 1 over ``distill_rampup`` of the epochs."""
+        return linear_rampup(self.current_epoch, round(self.distill_rampup * self.num_epochs))
+
+    def sample_groups(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(is_mask, is_weak) (B,) bool tensors from the loader's ``sup_type``."""
+        is_mask = batch["sup_type"].to(device) == TYPE_CODES["mask"]
+        return is_mask, ~is_mask
+
+
+class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
+    """Mean-taught deep supervision (Reiss et al., CVPR 2021) on top of the weak-label losses.
+
+    An EMA teacher (``theta_t = ema_decay * theta_t + (1 - ema_decay) * theta_s`` after every
+    step) sees the batch with Gaussian input noise (``teacher_noise_std``; the student sees the
+    clean augmented batch: perturbation consistency). Its softmax is constrained by the weak
+    labels (class c zeroed outside the boxes of c and for classes absent from the tags) and, on
+    weak / unlabelled samples, fills the unknown voxels with pseudo labels where its confidence is
+    at least ``pseudo_threshold``. These pseudo labels
+
+    - feed the MLDS pooled targets of the coarse outputs (so coarse scales learn from them), and
+    - train a separate full-resolution pseudo-label head (a 1x1 conv on the last decoder stage);
+      the clean head - the one exported and used for the teacher's pseudo labels - sees real
+      labels only, unless ``pseudo_on_clean_head`` is set.
+
+    Attributes:
+        ema_decay, teacher_noise_std, pseudo_threshold, pseudo_weight,
+        distill_rampup: fraction of the epochs over which the pseudo-label terms ramp up linearly,
+        pseudo_on_clean_head: train the exported head on pseudo labels too (no separate head).
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ema_decay = 0.99
+        self.teacher_noise_std = 0.1
+        self.pseudo_threshold = 0.7
+        self.pseudo_weight = 1.0
+        self.pseudo_on_clean_head = False
+        self.loss_term_names = ("supervised", "mlds", "negatives", "box", "entropy", "pseudo")
+
+    def build_extra_modules(self) -> dict[str, nn.Module]:
+        net = unwrap(self.network)
+        teacher = copy.deepcopy(net)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        modules: dict[str, nn.Module] = {"teacher": teacher}
+        if not self.pseudo_on_clean_head:
+            head = copy.deepcopy(net.decoder.seg_layers[-1])
+            head.reset_parameters()
+            modules["pseudo_head"] = head
+            self.decoder_tap = FeatureTap(net.decoder.stages[-1])
+        return modules
+
+    @torch.no_grad()
+    def teacher_pseudo_labels(self, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
+                              weak: torch.Tensor) -> torch.Tensor:
+        """Real labels where known; on weak samples, confident constrained teacher labels elsewhere."""
+        teacher = self.extra_modules["teacher"]
+        noisy = data + self.teacher_noise_std * torch.randn_like(data) if self.teacher_noise_std > 0 else data
+        probs = torch.softmax(_first(teacher(noisy)).float(), dim=1)
+        probs = constrain_pseudo_labels(probs, allowed0.float())
+        return pseudo_label_map(probs, seg0, self.label_manager.ignore_label, self.pseudo_threshold, weak)
+
+    def forward_and_loss(self, data, seg, allowed, batch):
+        output = self.network(data)
+        output = output if isinstance(output, (list, tuple)) else [output]
+        _, weak = self.sample_groups(batch, data.device)
+        terms = self.compute_loss(output, seg, allowed, batch)
+        pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], weak)
+        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0])
+        # the pseudo-label term covers the weak samples only (mask samples are in "supervised")
+        pseudo_weak = torch.where(weak.view(-1, *([1] * (pseudo.ndim - 1))), pseudo,
+                                  torch.full_like(pseudo, self.label_manager.ignore_label))
+        logits = output[0] if self.pseudo_on_clean_head else \
+            self.extra_modules["pseudo_head"](self.decoder_tap.pop())
+        if weak.any():
+            terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.fullres_loss(logits, pseudo_weak)
+        else:
+            terms["pseudo"] = logits.sum() * 0
+        return terms
+
+    def after_optimizer_step(self) -> None:
+        ema_update(self.extra_modules["teacher"], unwrap(self.network), self.ema_decay)
+
+
+class MixSupTrainer_DualBranch(_TeacherStudentBase):
+    """Dual-branch confidence-maximising distillation (Liu et al., MedIA 2023).
+
+    One shared encoder, two decoders built from the plans. The teacher decoder is trained on the
+    mask samples only (nnU-Net's Dice + CE with deep supervision); the student decoder - the one in
+    ``self.network`` and therefore the one exported - is trained on everything with the weak-label
+    losses (nnU-Net's loss on known voxels, MLDS, negatives, box tightness), plus on the
+    less-supervised (non-mask) samples an entropy term (confidence maximisation) and
+    ``KL(teacher || student)`` against the detached, weak-label-constrained teacher softmax.
+
+    Attributes:
+        teacher_weight, kl_weight, kl_temperature, entropy_weight (inherited),
+        distill_rampup: fraction of the epochs over which KL and entropy ramp up linearly.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.teacher_weight = 1.0
+        self.kl_weight = 1.0
+        self.kl_temperature = 1.0
+        self.loss_term_names = ("supervised", "mlds", "negatives", "box", "entropy", "teacher", "kl")
+
+    def build_extra_modules(self) -> dict[str, nn.Module]:
+        net = unwrap(self.network)
+        other = self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                self.num_input_channels, self.label_manager.num_segmentation_heads,
+                                                self.enable_deep_supervision).to(self.device)
+        decoder = other.decoder
+        decoder.encoder = None  # the teacher decoder reads the student's encoder skips, not its own encoder
+        self.encoder_tap = FeatureTap(net.encoder)
+        self.kl_loss = KLDistillationLoss(self.kl_temperature)
+        self.entropy_loss = EntropyLoss()
+        return {"teacher_decoder": decoder}
+
+    def forward_and_loss(self, data, seg, allowed, batch):
+        output = self.network(data)
+        output = output if isinstance(output, (list, tuple)) else [output]
+        t_out = self.extra_modules["teacher_decoder"](self.encoder_tap.pop())
+        t_out = t_out if isinstance(t_out, (list, tuple)) else [t_out]
+        is_mask, weak = self.sample_groups(batch, data.device)
+        terms = self.compute_loss(output, seg, allowed, batch)
+        if is_mask.any():
+            if self.enable_deep_supervision:
+                terms["teacher"] = self.teacher_weight * self.loss([t[is_mask] for t in t_out],
+                                                                   [s[is_mask] for s in seg])
+            else:
+                terms["teacher"] = self.teacher_weight * self.fullres_loss(t_out[0][is_mask], seg[0][is_mask])
+        else:
+            terms["teacher"] = t_out[0].sum() * 0
+        ramp = self.distill_ramp()
+        t_probs = constrain_pseudo_labels(torch.softmax(t_out[0].detach().float(), dim=1), allowed[0].float())
+        terms["kl"] = ramp * self.kl_weight * self.kl_loss(output[0], torch.log(t_probs), sample_mask=weak)
+        terms["entropy"] = ramp * self.entropy_weight * self.entropy_loss(output[0], sample_mask=weak)
+        return terms
+
+
+class MixSupTrainer_DMD(_TeacherStudentBase):
+    """Deep mutual distillation (Xie et al., MICCAI 2023), multi-class, inside nnU-Net.
+
+    Two networks from the same plans with different random initialisations, one optimizer. Each
+    gets the weak-label losses (nnU-Net's Dice + CE on known voxels, MLDS, negatives, box
+    tightness); on every sample they are pulled together by ``dmd_weight * (1 - soft Dice)``
+    between their temperature-softened softmax outputs (``dmd_temperature``), symmetric and not
+    detached. Only the first network (``self.network``) is exported.
+
+    Attributes:
+        dmd_weight (lambda, public code: 4), dmd_temperature (T, public code: 2),
+        distill_rampup: fraction of the epochs over which the agreement term ramps up linearly.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dmd_weight = 4.0
+        self.dmd_temperature = 2.0
+        self.loss_term_names = ("supervised", "mlds", "negatives", "box", "entropy", "net2", "agreement")
+
+    def _do_i_compile(self) -> bool:  # no hooks here: stock compile behaviour
+        return super(_TeacherStudentBase, self)._do_i_compile()
+
+    def build_extra_modules(self) -> dict[str, nn.Module]:
+        self.agreement_loss = SoftDiceAgreementLoss(self.dmd_temperature)
+        net2 = self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                               self.num_input_channels, self.label_manager.num_segmentation_heads,
+                                               self.enable_deep_supervision).to(self.device)
+        return {"net2": net2}
+
+    def forward_and_loss(self, data, seg, allowed, batch):
+        out1 = self.network(data)
+        out2 = self.extra_modules["net2"](data)
+        out1 = out1 if isinstance(out1, (list, tuple)) else [out1]
+        out2 = out2 if isinstance(out2, (list, tuple)) else [out2]
+        terms = self.compute_loss(out1, seg, allowed, batch)
+        terms["net2"] = sum(self.compute_loss(out2, seg, allowed, batch).values())
+        terms["agreement"] = self.distill_ramp() * self.dmd_weight * self.agreement_loss(out1[0], out2[0])
+        return terms

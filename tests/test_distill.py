@@ -1,0 +1,155 @@
+"""Teacher-student trainers: real train steps, exact checkpoint round trip, stock-loadable export."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nnunet_mixsup.losses import pseudo_label_map
+from nnunet_mixsup.plans import shrink_configuration
+
+DISTILL = ["MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"]
+
+
+def _trainer(cls_name, info, config, **attrs):
+    import nnunet_mixsup.trainer as T
+    import nnunet_mixsup.trainer_distill as TD
+
+    plans = load_json(str(info["pp"] / f"{info['plans']}.json"))
+    plans["configurations"][config] = shrink_configuration(plans["configurations"][config], 32, base_features=4)
+    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training puts this into the plans
+    dj = load_json(str(info["pp"] / "dataset.json"))
+    cls = getattr(TD, cls_name, None) or getattr(T, cls_name)
+    tr = cls(plans, config, 0, dj, device=torch.device("cpu"))
+    tr.num_iterations_per_epoch = 2
+    tr.num_val_iterations_per_epoch = 1
+    for k, v in attrs.items():
+        setattr(tr, k, v)
+    tr.initialize()
+    return tr
+
+
+def _batches(tr, n):
+    dl_tr, dl_val = tr.get_dataloaders()
+    try:
+        return [next(dl_tr) for _ in range(n)]
+    finally:
+        for d in (dl_tr, dl_val):
+            if hasattr(d, "_finish"):
+                d._finish()
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("cls_name", DISTILL)
+@pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
+def test_train_steps_finite_all_terms_logged(cls_name, which, config, request):
+    tr = _trainer(cls_name, request.getfixturevalue(which), config)
+    tr.current_epoch = 10 ** 6  # ramp-ups at full weight
+    for b in _batches(tr, 2):
+        out = tr.train_step(b)
+        assert np.isfinite(out["loss"])
+        for k in tr.loss_term_names:
+            assert np.isfinite(out[f"loss_{k}"]), k
+
+
+@pytest.mark.parametrize("cls_name", DISTILL)
+def test_checkpoint_resumes_exactly(cls_name, planned_2d, tmp_path):
+    tr = _trainer(cls_name, planned_2d, "2d")
+    for b in _batches(tr, 2):
+        tr.train_step(b)
+    assert tr.extra_modules
+    f = str(tmp_path / "checkpoint_latest.pth")
+    tr.save_checkpoint(f)
+    ckpt = torch.load(f, map_location="cpu", weights_only=False)
+    assert set(ckpt["mixsup_state"]) == set(tr.extra_modules)
+
+    tr2 = _trainer(cls_name, planned_2d, "2d")
+    tr2.load_checkpoint(f)
+    for a, b in [(tr.network, tr2.network)] + [(tr.extra_modules[k], tr2.extra_modules[k]) for k in tr.extra_modules]:
+        sa, sb = _state(a), _state(b)
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = tr.optimizer.state_dict(), tr2.optimizer.state_dict()
+    assert len(oa["param_groups"]) == len(ob["param_groups"]) == 2 - (cls_name == "MixSupTrainer_MeanTeacher" and
+                                                                     not tr.extra_modules.get("pseudo_head"))
+    for k in oa["state"]:
+        assert torch.equal(oa["state"][k]["momentum_buffer"], ob["state"][k]["momentum_buffer"])
+    # the same batch gives the same loss afterwards: nothing was lost
+    tr.current_epoch += 1  # nnU-Net saves at the end of an epoch and stores current_epoch + 1
+    assert tr2.current_epoch == tr.current_epoch
+    b = _batches(tr, 1)[0]
+    torch.manual_seed(0)
+    l1 = tr.train_step(b)["loss"]
+    torch.manual_seed(0)
+    l2 = tr2.train_step(b)["loss"]
+    assert l1 == pytest.approx(l2, rel=1e-5)
+
+
+def test_resume_without_extra_state_is_a_clear_error(planned_2d, tmp_path):
+    base = _trainer("MixSupTrainer", planned_2d, "2d")
+    f = str(tmp_path / "plain.pth")
+    base.save_checkpoint(f)
+    tr = _trainer("MixSupTrainer_DMD", planned_2d, "2d")
+    with pytest.raises(Exception, match="cannot resume exactly|size mismatch|param"):
+        tr.load_checkpoint(f)
+
+
+@pytest.mark.parametrize("cls_name", DISTILL)
+def test_export_is_one_stock_network(cls_name, planned_3d):
+    tr = _trainer(cls_name, planned_3d, "3d_fullres")
+    net = type(tr).build_network_architecture(tr.plans_manager, tr.configuration_manager, tr.num_input_channels,
+                                              tr.label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    net.load_state_dict(tr.network.state_dict())  # strict: same keys, same shapes
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in tr.network.parameters())
+
+
+def test_mean_teacher_is_ema_of_student_and_gets_no_gradient(planned_2d):
+    tr = _trainer("MixSupTrainer_MeanTeacher", planned_2d, "2d", ema_decay=0.5)
+    teacher = tr.extra_modules["teacher"]
+    t0 = {k: v.clone() for k, v in teacher.named_parameters()}
+    tr.train_step(_batches(tr, 1)[0])
+    s1 = dict(tr.network.named_parameters())
+    for k, v in teacher.named_parameters():
+        assert v.grad is None and not v.requires_grad
+        assert torch.allclose(v, 0.5 * t0[k] + 0.5 * s1[k].detach(), atol=1e-6)
+
+
+def test_dual_branch_shares_the_encoder(planned_2d):
+    tr = _trainer("MixSupTrainer_DualBranch", planned_2d, "2d")
+    dec = tr.extra_modules["teacher_decoder"]
+    assert not any(k.startswith("encoder.") for k in dec.state_dict())
+    enc = dict(tr.network.encoder.named_parameters())
+    first = next(iter(enc.values()))
+    tr.train_step(_batches(tr, 1)[0])
+    assert first.grad is not None
+
+
+def test_dmd_networks_start_different(planned_2d):
+    tr = _trainer("MixSupTrainer_DMD", planned_2d, "2d")
+    a = torch.cat([p.flatten() for p in tr.network.parameters()])
+    b = torch.cat([p.flatten() for p in tr.extra_modules["net2"].parameters()])
+    assert a.shape == b.shape and not torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ pseudo_label_map
+def test_pseudo_label_map_hand_values():
+    probs = torch.tensor([[0.1, 0.8, 0.3], [0.9, 0.2, 0.7]]).reshape(1, 2, 3, 1)  # (B=1, C=2, 3, 1)
+    target = torch.tensor([[[[9], [1], [9]]]])  # 9 = ignore
+    out = pseudo_label_map(probs, target, ignore_index=9, threshold=0.75)
+    # voxel 0: unknown, conf 0.9 (class 1) -> 1; voxel 1: known -> kept; voxel 2: conf 0.7 < 0.75 -> ignore
+    assert out.flatten().tolist() == [1, 1, 9]
+    assert pseudo_label_map(probs, target, 9, 0.0).flatten().tolist() == [1, 1, 1]
+
+
+def test_pseudo_label_map_sample_mask_and_3d():
+    probs = torch.softmax(torch.randn(2, 3, 4, 4, 4), 1)
+    target = torch.full((2, 1, 4, 4, 4), 5)
+    out = pseudo_label_map(probs, target, 5, 0.0, sample_mask=torch.tensor([True, False]))
+    assert torch.equal(out[0, 0], probs[0].argmax(0))
+    assert torch.equal(out[1], target[1])
+    with pytest.raises(ValueError, match="target must have shape"):
+        pseudo_label_map(probs, target[:, :, :2], 5)
