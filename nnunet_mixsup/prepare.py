@@ -13,7 +13,15 @@ data (``nnUNet_preprocessed/DatasetXXX/supervision.json``) for the trainers.
 
 A user's mask is never modified: we only write label files for weak cases, record their hashes in
 ``.mixsup_generated.json`` and refuse to touch any other existing label file. Everything is
-validated before anything is written; files are written to a temporary name and renamed.
+validated before anything is written (manifest, dataset.json, every image and mask, voxels
+included); files are written to a temporary name and renamed.
+
+Interruptions: the label maps are rendered into a hidden staging folder *next to* the dataset
+folder, so an interruption while rendering leaves the dataset untouched (the next run removes the
+stale staging folder). The commit (record, renames, dataset.json) is short; an exception during it
+(KeyboardInterrupt included) rolls every change back. A hard kill during the commit leaves a state
+that the next run recognises (the record lists the old and the new hash of every file in flight)
+and completes.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from nnunet_mixsup.manifest import (
     Manifest,
     ManifestError,
     RawDataset,
+    image_header,
     parse_manifest,
     read_manifest_json,
     read_raw_dataset,
@@ -93,26 +102,53 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_generated_record(folder: Path) -> dict[str, str]:
-    """Label files this package wrote, ``{file name: sha256}``, restricted to those still unchanged."""
+def _read_record(folder: Path) -> dict:
+    """The generated-files record as a dict ({} if missing or unreadable)."""
     rec_path = folder / GENERATED_RECORD
     if not rec_path.is_file():
         return {}
     try:
-        rec = json.loads(rec_path.read_text(encoding="utf-8")).get("files", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
+        rec = json.loads(rec_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def load_generated_record(folder: Path) -> dict[str, str]:
+    """Label files this package wrote, ``{file name: sha256}``, restricted to those still unchanged.
+
+    A file counts as written by us if its hash is the recorded one, or one of the hashes recorded
+    as ``pending`` by a commit that was interrupted.
+    """
+    rec = _read_record(folder)
+    files = rec.get("files")
+    pending = rec.get("pending")
+    files = files if isinstance(files, dict) else {}
+    pending = pending if isinstance(pending, dict) else {}
     out = {}
-    for name, digest in rec.items():
+    for name in sorted(set(files) | set(pending)):
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+            continue
         f = folder / "labelsTr" / name
-        if f.is_file() and sha256_file(f) == digest:
+        if not f.is_file():
+            continue
+        digest = sha256_file(f)
+        if digest in (files.get(name), pending.get(name)):
             out[name] = digest
     return out
 
 
+def load_verified_images(folder: Path) -> dict[str, list[int]]:
+    """Image files whose voxels a previous successful run checked: ``{relative path: file stamp}``."""
+    ver = _read_record(folder).get("verified")
+    if not isinstance(ver, dict):
+        return {}
+    return {k: v for k, v in ver.items() if isinstance(k, str) and isinstance(v, list)}
+
+
 def derived_label_array(sup: CaseSupervision, shape_numpy: tuple[int, ...], ignore_label: int) -> np.ndarray:
     """Label map (numpy axis order) that tells stock nnU-Net what is known about a weak case."""
-    dtype = np.uint8 if ignore_label < 256 else np.uint16
+    dtype = np.uint8 if ignore_label < 256 else np.uint16 if ignore_label < 65536 else np.uint32
     if sup.type == "tags" and not sup.present:
         return np.zeros(shape_numpy, dtype)
     if sup.type == "box":
@@ -133,8 +169,15 @@ class PrepareResult:
     label_names: dict[int, str]  # foreground label -> name, from dataset.json
 
 
-def load_and_validate(folder: Path) -> tuple[RawDataset, Manifest, dict[str, str]]:
-    """Read dataset + manifest and validate them; raises :class:`ManifestError` with every problem."""
+def load_and_validate(folder: Path, check_image_data: bool = True,
+                      image_data_cache: dict[str, list[int]] | None = None
+                      ) -> tuple[RawDataset, Manifest, dict[str, str]]:
+    """Read dataset + manifest and validate them; raises :class:`ManifestError` with every problem.
+
+    ``check_image_data`` reads every image voxel (truncated files, NaN/inf); ``image_data_cache``
+    (see :func:`nnunet_mixsup.manifest.check_image_data`) skips files verified before and collects
+    the ones verified now. Nothing is written.
+    """
     ds = read_raw_dataset(folder)
     generated = load_generated_record(folder)
     man_path = folder / MANIFEST_NAME
@@ -144,50 +187,177 @@ def load_and_validate(folder: Path) -> tuple[RawDataset, Manifest, dict[str, str
         obj = read_manifest_json(man_path)
         manifest = parse_manifest(obj, problems)
         if isinstance(obj, dict) and isinstance(obj.get("cases"), dict):
-            mentioned = {k for k in obj["cases"] if k != "__duplicates__"}
+            mentioned = set(obj["cases"])
+    elif man_path.exists():
+        raise ManifestError([f"{man_path} exists but is not a file"], str(man_path))
     else:
         manifest = Manifest()
     if not ds.case_ids:
         raise ManifestError([f"no training images found in {folder / 'imagesTr'}"], str(folder))
-    full, _ = validate_against_dataset(manifest, ds, generated=set(generated), problems=problems,
-                                       mentioned=mentioned)
     if ds.ignore_label is not None:
         top = max(ds.foreground_labels) if ds.foreground_labels else 0
         if ds.ignore_label <= top:
-            msg = f"dataset.json: 'ignore' ({ds.ignore_label}) must be the highest label (> {top})"
-            raise ManifestError([msg], str(folder / "dataset.json"))
+            problems.append(f"dataset.json: 'ignore' ({ds.ignore_label}) must be the highest label (> {top})")
+    full, _ = validate_against_dataset(manifest, ds, generated=set(generated), problems=problems,
+                                       mentioned=mentioned, check_image_data=check_image_data,
+                                       image_data_cache=image_data_cache)
     return ds, full, generated
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _staging_dir(folder: Path) -> Path:
+    """A new hidden staging folder beside ``folder`` (inside it if the parent is not writable).
+
+    Stale staging folders of this dataset left by a killed run (their process is gone) are removed.
+    """
+    prefix = f".{folder.name}.mixsup-prepare-"
+    for parent in (folder.parent, folder):
+        try:
+            for old in parent.iterdir():
+                if old.name.startswith(prefix) and old.is_dir():
+                    pid = old.name[len(prefix):].split("-", 1)[0]
+                    if pid.isdigit() and not _pid_alive(int(pid)):
+                        shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    for parent in (folder.parent, folder):
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+        except OSError:
+            if parent == folder:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _render(ds: RawDataset, sup: CaseSupervision, ignore: int, out: Path) -> None:
+    """Write the derived label map of a weak case to ``out`` on the grid of its first image (header only)."""
+    h = image_header(ds.image_files(sup.case_id)[0])
+    arr = derived_label_array(sup, tuple(h.size[::-1]), ignore)
+    lab = sitk.GetImageFromArray(arr)
+    lab.SetSpacing(h.spacing)
+    lab.SetOrigin(h.origin)
+    lab.SetDirection(h.direction)
+    sitk.WriteImage(lab, str(out), True)
+
+
+class _Commit:
+    """Apply staged changes to a dataset folder; :meth:`rollback` undoes everything done so far."""
+
+    def __init__(self, folder: Path, backup_dir: Path):
+        self.folder = folder
+        self.backup_dir = backup_dir
+        self.undo: list = []
+
+    def write_bytes_atomic(self, path: Path, data: bytes | None) -> None:
+        old = path.read_bytes() if path.is_file() else None
+        self.undo.append(lambda: _restore_file(path, old))
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
+            _atomic_write_bytes(path, data)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        if dst.is_file():
+            bak = self.backup_dir / f"{dst.name}.bak"
+            try:
+                os.link(dst, bak)
+            except OSError:
+                shutil.copy2(dst, bak)
+            self.undo.append(lambda: os.replace(bak, dst))
+        else:
+            self.undo.append(lambda: dst.unlink(missing_ok=True))
+        os.replace(src, dst)
+
+    def mkdir(self, path: Path) -> None:
+        if not path.is_dir():
+            path.mkdir()
+            self.undo.append(lambda: _rmdir_if_empty(path))
+
+    def copy_new(self, src: Path, dst: Path) -> None:
+        tmp = self.backup_dir / f"{dst.name}.new"
+        shutil.copy2(src, tmp)
+        self.undo.append(lambda: dst.unlink(missing_ok=True))
+        os.replace(tmp, dst)
+
+    def rollback(self) -> None:
+        errors = []
+        for action in reversed(self.undo):
+            try:
+                action()
+            except OSError as e:  # keep undoing the rest
+                errors.append(str(e))
+        self.undo.clear()
+        if errors:
+            raise RuntimeError(f"prepare was interrupted and could not undo everything: {errors}")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _restore_file(path: Path, old: bytes | None) -> None:
+    if old is None:
+        path.unlink(missing_ok=True)
+    else:
+        _atomic_write_bytes(path, old)
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
 def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True) -> PrepareResult:
     """Validate the manifest and write derived label maps + the ignore entry. Idempotent.
 
     ``dataset`` is an id, a dataset name or a path to the raw dataset folder. Nothing is written if
-    validation fails.
+    validation fails (:class:`ManifestError` listing every problem). Every image voxel is checked
+    once; files unchanged since a successful run are not read again. See the module docstring for
+    what an interruption leaves behind.
     """
     folder = Path(dataset) if isinstance(dataset, os.PathLike) or (isinstance(dataset, str) and os.sep in dataset) \
         else raw_dataset_folder(dataset)
-    ds, manifest, generated = load_and_validate(folder)
+    if not folder.is_dir():
+        raise ManifestError([f"dataset folder {folder} does not exist"], str(folder))
+    verified = load_verified_images(folder)
+    ds, manifest, generated = load_and_validate(folder, check_image_data=True, image_data_cache=verified)
     weak = [c for c, s in manifest.cases.items() if s.type != "mask"]
     ignore = ds.ignore_label
     if weak and ignore is None:
         ignore = (max(ds.foreground_labels) if ds.foreground_labels else 0) + 1
+    current_images = {f"imagesTr/{f.name}" for c in ds.case_ids for f in ds.image_files(c)}
+    verified = {k: v for k, v in sorted(verified.items()) if k in current_images}
 
-    # plan every write first (label maps are rendered into temporary files), then commit them
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".mixsup-prepare-", dir=folder))
+    # render every label map into the staging folder first, then commit
+    tmp_dir = _staging_dir(folder)
     written, unchanged = [], []
     try:
         staged: dict[str, tuple[Path, str]] = {}
-        for cid in tqdm(weak, desc="Rendering weak-label maps", disable=not show_progress):
-            sup = manifest.cases[cid]
-            img_file = ds.image_files(cid)[0]
-            ref = sitk.ReadImage(str(img_file))
-            arr = derived_label_array(sup, sitk.GetArrayViewFromImage(ref).shape, ignore)
-            lab = sitk.GetImageFromArray(arr)
-            lab.CopyInformation(ref)
+        for cid in tqdm(sorted(weak), desc="Rendering weak-label maps", disable=not show_progress):
             name = ds.label_file(cid).name
             tmp = tmp_dir / name
-            sitk.WriteImage(lab, str(tmp), True)
+            _render(ds, manifest.cases[cid], ignore, tmp)
             digest = sha256_file(tmp)
             if generated.get(name) == digest:
                 unchanged.append(cid)
@@ -196,21 +366,34 @@ def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True
 
         record = dict(generated)
         record.update({n: d for n, (_, d) in staged.items()})
-        # the record goes first, so an interrupted run is recognised (and finished) by the next one
-        atomic_write_json(folder / GENERATED_RECORD, {"files": dict(sorted(record.items())),
-                                                      "note": "label maps written by nnunet-mixsup prepare"})
-        (folder / "labelsTr").mkdir(exist_ok=True)
-        for name, (tmp, _) in staged.items():
-            os.replace(tmp, folder / "labelsTr" / name)
-            written.append(name)
-
-        if ignore is not None and ds.dataset_json["labels"].get("ignore") != ignore:
-            backup = folder / "dataset.json.mixsup-orig"
-            if not backup.exists():
-                shutil.copy2(folder / "dataset.json", backup)
-            dj = dict(ds.dataset_json)
-            dj["labels"] = {**{k: v for k, v in dj["labels"].items() if k != "ignore"}, "ignore": ignore}
-            atomic_write_json(folder / "dataset.json", dj)
+        final = {"files": dict(sorted(record.items())), "verified": verified,
+                 "note": "label maps written by nnunet-mixsup prepare"}
+        commit = _Commit(folder, tmp_dir)
+        try:
+            if staged:
+                # the record goes first and lists old and new hashes: a killed commit is finished next time
+                in_flight = {**final, "files": dict(sorted(generated.items())),
+                             "pending": {n: d for n, (_, d) in sorted(staged.items())}}
+                commit.write_bytes_atomic(folder / GENERATED_RECORD, _json_bytes(in_flight))
+                commit.mkdir(folder / "labelsTr")
+                for name, (tmp, _) in staged.items():
+                    commit.replace(tmp, folder / "labelsTr" / name)
+                    written.append(name)
+            rec_bytes = _json_bytes(final)
+            rec_path = folder / GENERATED_RECORD
+            if not rec_path.is_file() or rec_path.read_bytes() != rec_bytes:
+                commit.write_bytes_atomic(rec_path, rec_bytes)
+            if ignore is not None and ds.dataset_json["labels"].get("ignore") != ignore:
+                backup = folder / "dataset.json.mixsup-orig"
+                if not backup.exists():
+                    commit.copy_new(folder / "dataset.json", backup)
+                dj = dict(ds.dataset_json)
+                dj["labels"] = {**{k: v for k, v in dj["labels"].items() if k != "ignore"}, "ignore": ignore}
+                commit.write_bytes_atomic(folder / "dataset.json", _json_bytes(dj))
+        except BaseException:
+            written.clear()
+            commit.rollback()
+            raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -218,7 +401,7 @@ def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True
     try:
         pp = preprocessed_dataset_folder(folder.name)
         atomic_write_json(pp / MANIFEST_NAME, manifest.to_json())
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         pass
     names = {v: k for k, v in ds.dataset_json["labels"].items() if v in ds.foreground_labels}
     return PrepareResult(manifest, ignore, written, unchanged, names)
