@@ -58,6 +58,10 @@ PER_CASE_CSV = "metrics_per_case.csv"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
 SPACING_TOLERANCE = 1e-3
+#: origins (mm) of reference and prediction must agree within this
+ORIGIN_TOLERANCE = 1e-3
+#: direction cosines of reference and prediction must agree within this
+DIRECTION_TOLERANCE = 1e-4
 
 
 class EvaluationError(ValueError):
@@ -189,8 +193,9 @@ def _list_cases(folder: Path, file_ending: str) -> dict[str, Path]:
     }
 
 
-def _read_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """(shape, spacing) in numpy axis order without reading the voxels."""
+def _read_header(path: Path, case: str | None = None
+                 ) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(shape, spacing) in numpy axis order, origin and direction in ITK order, without reading the voxels."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -198,8 +203,43 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        raise EvaluationError(f"cannot read {path}: {e}") from None
-    return tuple(reader.GetSize()[::-1]), tuple(reader.GetSpacing()[::-1])
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        prefix = f"case {case}: " if case is not None else ""
+        raise EvaluationError(f"{prefix}cannot read {path}: {lines[-1] if lines else e}") from None
+    return (tuple(reader.GetSize()[::-1]), tuple(reader.GetSpacing()[::-1]), tuple(reader.GetOrigin()),
+            tuple(reader.GetDirection()))
+
+
+def check_geometry(case: str, ref_file: Path, pred_file: Path) -> None:
+    """Raise :class:`EvaluationError` naming ``case`` unless both files have the same voxel grid.
+
+    Shape must be equal; spacing within :data:`SPACING_TOLERANCE` mm, origin within
+    :data:`ORIGIN_TOLERANCE` mm and direction cosines within :data:`DIRECTION_TOLERANCE`.
+    Only the headers are read.
+    """
+    ref_shape, ref_spacing, ref_origin, ref_dir = _read_header(ref_file, case)
+    pred_shape, pred_spacing, pred_origin, pred_dir = _read_header(pred_file, case)
+    if ref_shape != pred_shape:
+        raise EvaluationError(
+            f"case {case}: geometry mismatch, reference shape {ref_shape} != prediction shape "
+            f"{pred_shape} (numpy z,y,x order)"
+        )
+    if not np.allclose(ref_spacing, pred_spacing, rtol=0, atol=SPACING_TOLERANCE):
+        raise EvaluationError(
+            f"case {case}: geometry mismatch, reference spacing {ref_spacing} != prediction "
+            f"spacing {pred_spacing} (numpy z,y,x order, tolerance {SPACING_TOLERANCE})"
+        )
+    if not np.allclose(ref_origin, pred_origin, rtol=0, atol=ORIGIN_TOLERANCE):
+        raise EvaluationError(
+            f"case {case}: geometry mismatch, reference origin {ref_origin} != prediction origin "
+            f"{pred_origin} (mm, ITK x,y,z order, tolerance {ORIGIN_TOLERANCE}); the prediction is not on the "
+            "reference's voxel grid"
+        )
+    if not np.allclose(ref_dir, pred_dir, rtol=0, atol=DIRECTION_TOLERANCE):
+        raise EvaluationError(
+            f"case {case}: geometry mismatch, reference direction {ref_dir} != prediction direction "
+            f"{pred_dir} (tolerance {DIRECTION_TOLERANCE}); the prediction is not on the reference's voxel grid"
+        )
 
 
 def _format_names(names: Sequence[str], limit: int = 10) -> str:
@@ -211,9 +251,24 @@ def _evaluate_case(task: tuple) -> dict:
     """Worker: read one reference/prediction pair and compute its metrics."""
     import SimpleITK as sitk
 
+    from nnunet_mixsup.manifest import scan_voxels
+
     case, ref_file, pred_file, labels, spacing_from, ignore_label, tolerance = task
-    ref_img = sitk.ReadImage(str(ref_file))
-    pred_img = sitk.ReadImage(str(pred_file))
+    for what, f in (("reference", ref_file), ("prediction", pred_file)):
+        # SimpleITK reads a truncated NIfTI file without complaint (missing voxels become 0)
+        why, n_bad = scan_voxels(Path(f))
+        if why:
+            raise EvaluationError(f"case {case}: cannot read the {what} {f} (truncated or corrupt file?): {why}")
+        if n_bad:
+            raise EvaluationError(f"case {case}: the {what} {f} has {n_bad} NaN/inf voxel(s); label maps must "
+                                  "hold integer labels")
+    try:
+        ref_img = sitk.ReadImage(str(ref_file))
+        pred_img = sitk.ReadImage(str(pred_file))
+    except RuntimeError as e:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise EvaluationError(f"case {case}: cannot read the reference or prediction voxels (truncated or "
+                              f"corrupt file?): {lines[-1] if lines else e}") from None
     ref = sitk.GetArrayFromImage(ref_img)
     pred = sitk.GetArrayFromImage(pred_img)
     if ref.shape != pred.shape:  # also checked from the headers; multi-component images etc.
@@ -268,8 +323,9 @@ def evaluate_folders(
     """Evaluate every prediction in ``pred_dir`` against the reference of the same name.
 
     Files are matched by case identifier (file name minus ``file_ending``). Every reference needs a
-    prediction and every prediction a reference; shapes must be equal and spacings equal within
-    1e-3 mm. All of this is checked from the image headers before any metric is computed.
+    prediction and every prediction a reference; shapes must be equal, spacings and origins equal
+    within 1e-3 mm and directions within 1e-4 (:func:`check_geometry`). All of this is checked from
+    the image headers before any metric is computed.
 
     Args:
         ref_dir, pred_dir: folders with the reference / predicted label maps.
@@ -318,18 +374,7 @@ def evaluate_folders(
 
     cases = sorted(preds)
     for case in cases:
-        ref_shape, ref_spacing = _read_header(refs[case])
-        pred_shape, pred_spacing = _read_header(preds[case])
-        if ref_shape != pred_shape:
-            raise EvaluationError(
-                f"case {case}: geometry mismatch, reference shape {ref_shape} != prediction shape "
-                f"{pred_shape} (numpy z,y,x order)"
-            )
-        if not np.allclose(ref_spacing, pred_spacing, rtol=0, atol=SPACING_TOLERANCE):
-            raise EvaluationError(
-                f"case {case}: geometry mismatch, reference spacing {ref_spacing} != prediction "
-                f"spacing {pred_spacing} (numpy z,y,x order, tolerance {SPACING_TOLERANCE})"
-            )
+        check_geometry(case, refs[case], preds[case])
 
     tasks = [
         (case, refs[case], preds[case], labels_list, spacing_from, ignore_label, float(nsd_tolerance_mm))

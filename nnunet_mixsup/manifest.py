@@ -23,9 +23,13 @@ checks it against the raw dataset (images, label files, dataset.json, image size
 """
 from __future__ import annotations
 
+import gzip
 import json
+import math
 import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,6 +454,106 @@ def file_stamp(path: Path) -> list[int]:
     return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ino)]
 
 
+#: NIfTI datatype codes of floating point / complex data (which can hold NaN/inf) -> numpy dtype
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
+
+
+def _nifti_layout(head: bytes) -> tuple[int, int, str | None] | None:
+    """(data offset, data bytes, numpy dtype if floating point) from a NIfTI-1/2 header; ``None`` if unusable."""
+    for end in "<>":
+        if len(head) >= 348 and struct.unpack(end + "i", head[:4])[0] == 348:
+            dim = struct.unpack(end + "8h", head[40:56])
+            datatype, bitpix = struct.unpack(end + "hh", head[70:74])
+            offset = struct.unpack(end + "f", head[108:112])[0]
+            break
+        if len(head) >= 540 and struct.unpack(end + "i", head[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(end + "hh", head[12:16])
+            dim = struct.unpack(end + "8q", head[16:80])
+            offset = struct.unpack(end + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    nd = dim[0]
+    if not 1 <= nd <= 7 or any(d < 1 for d in dim[1:nd + 1]) or bitpix <= 0 or not math.isfinite(offset) \
+            or offset < 0:
+        return None
+    n_bytes = math.prod(dim[1:nd + 1]) * bitpix // 8
+    dt = _NIFTI_FLOAT_TYPES.get(datatype)
+    return int(offset), int(n_bytes), (end + dt if dt else None)
+
+
+def _scan_nifti(path: Path) -> tuple[str | None, int] | None:
+    """Stream a .nii / .nii.gz file once: (problem, NaN/inf count); ``None`` if it is not a usable NIfTI file.
+
+    SimpleITK does not notice a truncated NIfTI file (the missing voxels read as 0) and reads NaN
+    and inf in NIfTI files as 0, so both are checked here on the raw bytes.
+    """
+    gz = path.name.lower().endswith(".gz")
+    n_bad = 0
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(540)
+            layout = _nifti_layout(head)
+            if layout is None:
+                return None
+            offset, n_bytes, dtype = layout
+            if not gz and dtype is None:  # nothing to look at in the voxels: the size says it all
+                size = path.stat().st_size
+                got = max(0, size - offset)
+                if got < n_bytes:
+                    return f"file holds {got} of the {n_bytes} data bytes its header announces (truncated?)", 0
+                return None, 0
+            carry = head[offset:] if offset < len(head) else b""
+            skip = max(0, offset - len(head))
+            while skip:
+                chunk = f.read(min(skip, 1 << 22))
+                if not chunk:
+                    break
+                skip -= len(chunk)
+            item = np.dtype(dtype).itemsize if dtype else 1
+            got = 0  # data bytes looked at (whole items only)
+            while got < n_bytes:
+                chunk = f.read(1 << 22)
+                data, carry = (carry + chunk)[: n_bytes - got], b""
+                if dtype:
+                    usable = len(data) - len(data) % item
+                    data, carry = data[:usable], data[usable:]
+                    if data:
+                        values = np.frombuffer(data, dtype=dtype)
+                        n_bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+                got += len(data)
+                if not chunk:
+                    break
+            if gz and got >= n_bytes:
+                while f.read(1 << 22):  # the rest of the stream: the gzip checksum is verified at its end
+                    pass
+    except (EOFError, OSError, zlib.error) as e:
+        return f"damaged file: {e}", n_bad
+    if got < n_bytes:
+        return f"file holds {got} of the {n_bytes} data bytes its header announces (truncated?)", n_bad
+    return None, n_bad
+
+
+def scan_voxels(path: Path) -> tuple[str | None, int]:
+    """Read every voxel of an image file: (why it cannot be read or ``None``, number of NaN/inf voxels).
+
+    NIfTI files are streamed by :func:`_scan_nifti` (SimpleITK hides truncation and NaN there); other
+    formats are read with SimpleITK, which reports truncated files itself.
+    """
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        res = _scan_nifti(path)
+        if res is not None:
+            return res
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        return _itk_message(e), 0
+    arr = sitk.GetArrayViewFromImage(img)  # a view: ``img`` must stay alive while it is used
+    if arr.dtype.kind in "fc":
+        return None, int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    return None, 0
+
+
 def check_image_data(path: Path, name: str, cache: dict[str, list[int]] | None = None) -> str | None:
     """Read every voxel of an image: a problem message for a truncated/corrupt file or NaN/inf voxels.
 
@@ -459,15 +563,12 @@ def check_image_data(path: Path, name: str, cache: dict[str, list[int]] | None =
     stamp = file_stamp(path)
     if cache is not None and cache.get(name) == stamp:
         return None
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        return f"cannot read the voxels of {name} (truncated or corrupt file?): {_itk_message(e)}"
-    arr = sitk.GetArrayViewFromImage(img)  # a view: ``img`` must stay alive while it is used
-    if arr.dtype.kind in "fc":
-        n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if n_bad:
-            return f"{name} has {n_bad} non-finite (NaN/inf) voxel(s); nnU-Net's normalisation would turn them into NaN"
+    why, n_bad = scan_voxels(path)
+    if why:
+        return f"cannot read the voxels of {name} (truncated or corrupt file?): {why}"
+    if n_bad:
+        return (f"{name} has {n_bad} non-finite (NaN/inf) voxel(s); nnU-Net would read them as 0 (SimpleITK) "
+                "or NaN (nibabel) - replace them by a meaningful intensity")
     if cache is not None:
         cache[name] = stamp
     return None
@@ -532,17 +633,19 @@ def _check_mask(ds: RawDataset, cid: str, valid_fg: set[int], image: ImageHeader
     out = geometry_differences(image, lh, "label", "image")
     if image.size != lh.size:
         return out
+    why, n_bad = scan_voxels(lab)
+    if why:
+        return out + [f"cannot read the voxels of label file {rel} (truncated or corrupt file?): {why}"]
     try:
         lab_img = sitk.ReadImage(str(lab))
     except RuntimeError as e:
         return out + [f"cannot read the voxels of label file {rel} (truncated or corrupt file?): {_itk_message(e)}"]
     vals = np.unique(sitk.GetArrayViewFromImage(lab_img))
     del lab_img
+    if n_bad:
+        out.append(f"label file {rel} contains NaN/inf values ({n_bad} voxel(s))")
     if vals.dtype.kind in "fc":
-        finite = np.isfinite(vals)
-        if not finite.all():
-            out.append(f"label file {rel} contains NaN/inf values")
-        vals = vals[finite]
+        vals = vals[np.isfinite(vals)]
         frac = vals[vals != np.round(vals)]
         if frac.size:
             out.append(f"label file {rel} has non-integer values {[float(v) for v in frac[:5]]}")
