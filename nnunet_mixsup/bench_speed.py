@@ -21,9 +21,12 @@ import torch
 def _make_trainer(name: str, plans: dict, config: str, dataset_json: dict, device: torch.device):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    import nnunet_mixsup.trainer as T
+    from nnunet_mixsup.ext_trainers import mixsup_trainers as registry  # every public trainer class
 
-    cls = nnUNetTrainer if name == "nnUNetTrainer" else getattr(T, name)
+    cls = nnUNetTrainer if name == "nnUNetTrainer" else getattr(registry, name, None)
+    if cls is None:
+        raise ValueError(f"unknown trainer {name!r}; choose from nnUNetTrainer and "
+                         f"{sorted(k for k in vars(registry) if 'Trainer' in k)}")
     p = json.loads(json.dumps(plans))
     p["continue_training"] = False
     tr = cls(p, config, 0, dataset_json, device=device)
@@ -99,7 +102,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("-d", required=True, help="dataset id (preprocessed)")
     s.add_argument("-c", default="3d_fullres", help="configuration")
     s.add_argument("-p", default="nnUNetPlans", help="plans name")
-    s.add_argument("-tr", nargs="+", default=["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_WeakOnly"])
+    s.add_argument("-tr", nargs="+", default=["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_WeakOnly",
+                                          "MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch",
+                                          "MixSupTrainer_DMD"])
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("-o", type=Path, default=None, help="write the Markdown table here")

@@ -447,6 +447,7 @@ class MixSupTrainer_MLDS(MixSupTrainer):
     Attributes:
         mlds_weight: factor on the summed coarse-scale terms (scale weights as nnU-Net's).
         mlds_soft_dice: add a masked soft Dice to the BCE at coarse scales.
+        mlds_scale_weighting: ``"nnunet"`` (1/2^i, default) or ``"uniform"``; see :meth:`mlds_scale_weights`.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -455,6 +456,7 @@ class MixSupTrainer_MLDS(MixSupTrainer):
         self.strong_fraction = 1.0
         self.mlds_weight = 1.0
         self.mlds_soft_dice = False
+        self.mlds_scale_weighting = "nnunet"
         self.loss_term_names = ("supervised", "mlds", "negatives")
 
     def get_tr_and_val_datasets(self):
@@ -477,15 +479,30 @@ class MixSupTrainer_MLDS(MixSupTrainer):
         strides = np.array(self.configuration_manager.pool_op_kernel_sizes)
         return [list(map(int, v)) for v in np.cumprod(strides, axis=0)]
 
+    def mlds_scale_weights(self, n_outputs: int) -> list[float]:
+        """Weights of the coarse outputs 1..n-1 (their sum is nnU-Net's coarse share of the loss).
+
+        ``mlds_scale_weighting``: ``"nnunet"`` - nnU-Net's 1/2^i, lowest scale 0; ``"uniform"`` -
+        the same total spread equally over every coarse output, lowest included (the MLDS
+        reference sums its scales unweighted).
+        """
+        coarse = self.deep_supervision_weights(n_outputs)[1:]
+        if self.mlds_scale_weighting == "uniform":
+            coarse = [sum(coarse) / len(coarse)] * len(coarse)
+        elif self.mlds_scale_weighting != "nnunet":
+            raise ValueError(f"mlds_scale_weighting must be 'nnunet' or 'uniform', got {self.mlds_scale_weighting!r}")
+        return [float(w) for w in coarse]
+
     def mlds_term(self, output: list[torch.Tensor], seg0: torch.Tensor, allowed0: torch.Tensor) -> torch.Tensor:
-        weights = self.deep_supervision_weights(len(output))
-        if len(output) < 2 or sum(weights[1:]) == 0:
+        """Pooled multi-label targets from the full-resolution labels, BCE at every coarse output."""
+        weights = self.mlds_scale_weights(len(output)) if len(output) > 1 else []
+        if sum(weights) == 0:
             return output[0].sum() * 0
         pos, known = labels_to_pos_known(seg0, allowed0, output[0].shape[1], self.label_manager.ignore_label)
         pools = self.cumulative_pooling()
         targets = [multilabel_pooled_targets(pos, known, pools[i]) for i in range(1, len(output))]
-        self.mlds_loss.weights = [float(w) for w in weights[1:]]
-        return float(sum(weights[1:])) * self.mlds_loss(list(output[1:]), targets)
+        self.mlds_loss.weights = weights
+        return sum(weights) * self.mlds_loss(list(output[1:]), targets)
 
     def compute_loss(self, output, seg, allowed, batch):
         weights = self.deep_supervision_weights(len(output))
@@ -493,6 +510,15 @@ class MixSupTrainer_MLDS(MixSupTrainer):
         terms["mlds"] = self.mlds_weight * self.mlds_term(output, seg[0], allowed[0])
         terms["negatives"] = self.negative_weight * self.negative_loss(output[0], allowed[0])
         return terms
+
+
+class MixSupTrainer_MLDS_Uniform(MixSupTrainer_MLDS):
+    """``MixSupTrainer_MLDS`` with equal weights on every coarse output (scale-weight ablation)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.mlds_scale_weighting = "uniform"
 
 
 class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):

@@ -4,6 +4,7 @@ from nnunet_mixsup.trainer import (  # noqa: F401
     MixSupTrainer_Demo,
     MixSupTrainer_MLDS,
     MixSupTrainer_MLDS_Demo,
+    MixSupTrainer_MLDS_Uniform,
     MixSupTrainer_Smoke,
     MixSupTrainer_WeakOnly,
     MixSupTrainer_WeakOnly_Demo,
