@@ -113,27 +113,70 @@ def validate_dataset_id(dataset_id: Any) -> int:
     return int(dataset_id)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists
+        return True
+    return True
+
+
+def _recover_interrupted(target: Path) -> None:
+    """Clean up after a killed :func:`staged_folder` run of ``target``.
+
+    A staging folder whose process is gone is removed. A ``.old`` folder (the previous dataset,
+    moved aside for an ``overwrite``) is moved back if the target is missing - the kill came
+    between the two renames - and removed if the target exists (the new dataset was complete).
+    """
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    tmp_prefix, old_prefix = f".{target.name}.tmp-", f".{target.name}.old-"
+    olds = []
+    for p in sorted(parent.iterdir()):
+        if p.name.startswith(tmp_prefix) and p.is_dir():
+            pid = p.name[len(tmp_prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(old_prefix) and p.is_dir():
+            pid = p.name[len(old_prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                olds.append(p)
+    for old in olds:
+        if not target.exists():
+            os.rename(old, target)
+            warnings.warn(f"restored {target} from {old.name}, left by an interrupted overwrite", stacklevel=3)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty hidden temporary sibling of ``target``; on success it becomes ``target``.
 
     Raises :class:`FileExistsError` when ``target`` exists and ``overwrite`` is false. On any
     exception (including KeyboardInterrupt) the temporary folder is removed and ``target`` is left as
-    it was. With ``overwrite`` the old folder is only removed after the new one is complete.
+    it was. With ``overwrite`` the old folder is only removed after the new one is complete. After a
+    hard kill (SIGKILL, power loss) the next call for the same target removes the stale temporary
+    folder and, if the kill came between moving the old dataset aside and moving the new one in,
+    restores the old one first.
     """
     target = Path(target)
+    _recover_interrupted(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; refusing to overwrite it (use overwrite=True / "
                               f"--overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         old = None
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} appeared while writing; refusing to overwrite it")
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
         try:
             os.rename(tmp, target)
@@ -368,8 +411,10 @@ def simulate_dataset(source_id: int | str, target_id: int, masks: Amount, boxes:
     if src_manifest.is_file():
         try:
             entries = json.loads(src_manifest.read_text(encoding="utf-8")).get("cases", {})
-        except (OSError, json.JSONDecodeError, AttributeError) as e:
+        except (OSError, ValueError, RecursionError, AttributeError) as e:
             raise RuntimeError(f"cannot read {src_manifest}: {e}") from None
+        if not isinstance(entries, dict):
+            raise RuntimeError(f"cannot read {src_manifest}: 'cases' is not an object")
         weak = sorted(c for c, e in entries.items() if isinstance(e, dict) and e.get("type") != "mask")
         if weak:
             raise RuntimeError(f"the source dataset must be fully labelled, but its {MANIFEST_NAME} marks "
