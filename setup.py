@@ -25,8 +25,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "hypothesis"],
+        "test": ["pytest", "ruff", "hypothesis", "h5py"],
         "demo": ["nilearn", "matplotlib"],
+        "convert": ["h5py"],
     },
     entry_points={"console_scripts": ["nnunet-mixsup=nnunet_mixsup.cli:main"]},
 )

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_synthetic)
 
     for mod in ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",
-                "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed"):
+                "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed",
+                "dataset_conversion.cli"):
         try:
             m = importlib.import_module(mod)
         except ImportError:
