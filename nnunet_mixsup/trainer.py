@@ -140,18 +140,21 @@ class MixSupTrainer(nnUNetTrainer):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus ``mixsup_state`` (the extra modules' weights).
+        """nnU-Net's checkpoint plus ``mixsup_state`` (the extra modules' weights), written atomically.
 
         ``network_weights`` stays the exported network alone, so stock ``nnUNetv2_predict`` and
-        ensembling load it unchanged. The file is rewritten atomically (temp file + rename).
+        ensembling load it unchanged. nnU-Net writes into a temporary file that replaces
+        ``filename`` only when complete, so a run killed while saving leaves the previous
+        checkpoint intact and ``--c`` can resume from it.
         """
-        super().save_checkpoint(filename)
-        if self.local_rank != 0 or self.disable_checkpointing or not self.extra_modules:
-            return
-        ckpt = torch.load(filename, map_location="cpu", weights_only=False)
-        ckpt["mixsup_state"] = {k: unwrap(m).state_dict() for k, m in self.extra_modules.items()}
         tmp = filename + ".mixsup_tmp"
-        torch.save(ckpt, tmp)
+        super().save_checkpoint(tmp)
+        if self.local_rank != 0 or self.disable_checkpointing or not isfile(tmp):
+            return
+        if self.extra_modules:
+            ckpt = torch.load(tmp, map_location="cpu", weights_only=False)
+            ckpt["mixsup_state"] = {k: unwrap(m).state_dict() for k, m in self.extra_modules.items()}
+            torch.save(ckpt, tmp)
         os.replace(tmp, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
@@ -588,7 +591,7 @@ class nnUNetTrainer_MixSupDemo(nnUNetTrainer):
     exactly the same number of epochs and iterations.
     """
 
-    demo_epochs = 40
+    demo_epochs = 80
     demo_iterations = 25
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
