@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",
                 "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed",
+                "nnunet_mixsup.benchmark",
                 "dataset_conversion.cli"):
         try:
             m = importlib.import_module(mod)

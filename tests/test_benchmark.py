@@ -1,0 +1,288 @@
+"""``nnunet-mixsup benchmark``: the pure computations (hand-computed values), the early checks, and a
+tiny end-to-end run (simulate -> one plans file -> lower / MixSup / upper -> predict -> evaluate ->
+tables and plots) that is then resumed without redoing anything."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from nnunet_mixsup.benchmark import (
+    LOWER,
+    UPPER,
+    BenchmarkError,
+    annotation_cost,
+    check_dense_dataset,
+    check_trainers,
+    config_from_args,
+    dice_gain_points,
+    gap_closed,
+    mean_sd,
+    plans_signature,
+    split_counts,
+    summarise,
+    summary_markdown,
+)
+from nnunet_mixsup.cli import build_parser, main, trainers_path
+from nnunet_mixsup.synthetic import make_synthetic_dataset
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cfg(*argv: str):
+    return config_from_args(build_parser().parse_args(["benchmark", *argv]))
+
+
+# ------------------------------------------------------------------------------------------------ counts and cost
+def test_split_counts_hand_values():
+    # 20 cases, 10 % masks: 2 mask; the other 18: round(18 * 0.45) = 8 boxes, round(18 * 0.65) = 12 -> 4 tags, 6 none
+    assert split_counts(20, 0.1, 0.45, 0.2) == {"mask": 2, "box": 8, "tags": 4, "none": 6}
+    # 5 %: 1 mask; 19 others: round(8.55) = 9 boxes, round(12.35) = 12 -> 3 tags, 7 none
+    assert split_counts(20, 0.05, 0.45, 0.2) == {"mask": 1, "box": 9, "tags": 3, "none": 7}
+    # a count: 2 of 6; 4 others: round(1.8) = 2 boxes, round(2.6) = 3 -> 1 tags, 1 none
+    assert split_counts(6, 2, 0.45, 0.2) == {"mask": 2, "box": 2, "tags": 1, "none": 1}
+    assert split_counts(10, 0.2, 1.0, 0.0) == {"mask": 2, "box": 8, "tags": 0, "none": 0}
+    assert split_counts(10, 0.2, 0.0, 0.0) == {"mask": 2, "box": 0, "tags": 0, "none": 8}
+    for n in (20, 33, 41):
+        for b in (0.05, 0.1, 0.2, 0.5, 1.0, 1, 3):
+            c = split_counts(n, b, 0.45, 0.2)
+            assert sum(c.values()) == n and min(c.values()) >= 0
+
+
+def test_split_counts_refuses_budgets_without_mask_case():
+    with pytest.raises(BenchmarkError, match="at least one 'mask' case"):
+        split_counts(20, 0.01, 0.45, 0.2)
+    with pytest.raises(BenchmarkError, match="only 5 training cases"):
+        split_counts(5, 6, 0.45, 0.2)
+
+
+def test_annotation_cost_hand_values():
+    counts = {"mask": 2, "box": 8, "tags": 4, "none": 6}
+    assert annotation_cost(counts) == pytest.approx(2 * 1.0 + 8 * 0.1 + 4 * 0.02)  # 2.88
+    assert annotation_cost(counts, {"mask": 2.0, "box": 0.5, "tags": 0.25, "none": 0.0}) == pytest.approx(9.0)
+    assert annotation_cost({"mask": 20, "box": 0, "tags": 0, "none": 0}) == 20.0
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_mean_sd_gap_and_gain():
+    m, s = mean_sd([0.5, 0.7])
+    assert m == pytest.approx(0.6) and s == pytest.approx(math.sqrt(0.02))
+    m, s = mean_sd([0.4])
+    assert m == pytest.approx(0.4) and math.isnan(s)
+    m, s = mean_sd([0.2, math.nan, 0.4])
+    assert m == pytest.approx(0.3) and s == pytest.approx(math.sqrt(0.02))
+    assert all(math.isnan(v) for v in mean_sd([]))
+    assert gap_closed(0.7, 0.6, 0.9) == pytest.approx(1 / 3)
+    assert gap_closed(0.9, 0.6, 0.9) == pytest.approx(1.0)
+    assert gap_closed(0.5, 0.6, 0.9) == pytest.approx(-1 / 3)
+    assert math.isnan(gap_closed(0.7, 0.6, 0.6)) and math.isnan(gap_closed(0.7, 0.8, 0.6))
+    assert math.isnan(gap_closed(math.nan, 0.6, 0.9))
+    assert dice_gain_points(0.734, 0.7) == pytest.approx(3.4)
+
+
+def _row(run: str, seed: int, cls: str, dice: float, budget: str = "0.1", cost: float = 2.0) -> dict:
+    trainer = "nnUNetTrainer_MixSupBudget" if run in (LOWER, UPPER) else run
+    return {"budget": "all" if run == UPPER else budget, "n_mask": 20 if run == UPPER else 2, "seed": seed,
+            "run": run, "trainer": trainer, "class": cls, "dice": dice, "hd95": 10.0 * seed + 1.0, "nsd": dice,
+            "cost": cost}
+
+
+def test_summarise_hand_values():
+    rows = []
+    for seed, (lo, mx, up) in enumerate([(0.5, 0.6, 0.9), (0.7, 0.8, 1.0)]):
+        for cls, shift in (("a", 0.0), ("mean", -0.1)):
+            rows += [_row(LOWER, seed, cls, lo + shift), _row("MixSupTrainer", seed, cls, mx + shift, cost=2.88),
+                     _row(UPPER, seed, cls, up + shift, cost=20.0)]
+    summary = summarise(rows)
+    assert [(e["run"], e["class"]) for e in summary] == [
+        (LOWER, "a"), (LOWER, "mean"), ("MixSupTrainer", "a"), ("MixSupTrainer", "mean"), (UPPER, "a"),
+        (UPPER, "mean")]
+    by = {(e["run"], e["class"]): e for e in summary}
+    lo, mx, up = by[(LOWER, "a")], by[("MixSupTrainer", "a")], by[(UPPER, "a")]
+    assert lo["dice_mean"] == pytest.approx(0.6) and lo["dice_sd"] == pytest.approx(math.sqrt(0.02))
+    assert lo["n_seeds"] == 2 and lo["seeds"] == "0 1" and lo["budget"] == "0.1"
+    assert mx["dice_mean"] == pytest.approx(0.7) and up["dice_mean"] == pytest.approx(0.95)
+    assert lo["hd95_mean"] == pytest.approx(6.0) and lo["hd95_sd"] == pytest.approx(math.sqrt(50))
+    # gain: per-seed differences 10 and 10 Dice points; gap: (0.7 - 0.6) / (0.95 - 0.6)
+    assert mx["gain_mean"] == pytest.approx(10.0) and mx["gain_sd"] == pytest.approx(0.0)
+    assert mx["gap_closed"] == pytest.approx(0.1 / 0.35)
+    # the upper row reports the full-vs-mask-only gap as its gain: differences 40 and 30
+    assert up["gain_mean"] == pytest.approx(35.0) and up["gain_sd"] == pytest.approx(math.sqrt(50))
+    assert math.isnan(up["gap_closed"]) and math.isnan(lo["gain_mean"]) and math.isnan(lo["gap_closed"])
+    assert mx["cost"] == pytest.approx(2.88) and up["cost"] == pytest.approx(20.0)
+    assert by[("MixSupTrainer", "mean")]["gap_closed"] == pytest.approx(0.1 / 0.35)
+
+    md = summary_markdown(summary, {"0.1": "2 mask of 20"})
+    assert "## masks 0.1: 2 mask of 20" in md
+    assert "0.600 ± 0.141" in md and "+10.0 ± 0.0" in md and "29 %" in md
+
+
+def test_summarise_budgets_sorted_and_unpaired_seeds():
+    rows = [_row(LOWER, 0, "mean", 0.5, budget="0.2"), _row(LOWER, 0, "mean", 0.4, budget="0.1"),
+            _row("T", 0, "mean", 0.45, budget="0.1"), _row("T", 1, "mean", 0.55, budget="0.1"),
+            _row(UPPER, 0, "mean", 0.8), _row(UPPER, 1, "mean", 0.9)]
+    rows[0]["n_mask"] = 4
+    summary = summarise(rows)
+    assert [e["budget"] for e in summary if e["run"] == LOWER] == ["0.1", "0.2"]
+    t = next(e for e in summary if e["run"] == "T")
+    # seed 1 has no lower run: the gain and the gap use seed 0 only; the mean Dice uses both seeds
+    assert t["dice_mean"] == pytest.approx(0.5) and t["gain_mean"] == pytest.approx(5.0)
+    assert t["gap_closed"] == pytest.approx((0.45 - 0.4) / (0.8 - 0.4))
+    up_02 = next(e for e in summary if e["run"] == UPPER and e["budget"] == "0.2")
+    assert up_02["n_seeds"] == 1 and up_02["dice_mean"] == pytest.approx(0.8)
+
+
+def test_plans_signature():
+    plans = {"configurations": {"2d": {"batch_size": 12, "patch_size": [56, 48]}},
+             "foreground_intensity_properties_per_channel": {"0": {"mean": 1.0}}, "dataset_name": "A"}
+    other = json.loads(json.dumps(plans))
+    other["dataset_name"] = "B"
+    assert plans_signature(plans, "2d") == plans_signature(other, "2d")
+    other["configurations"]["2d"]["batch_size"] = 4
+    assert plans_signature(plans, "2d") != plans_signature(other, "2d")
+    with pytest.raises(BenchmarkError, match="not in plans"):
+        plans_signature(plans, "3d_fullres")
+
+
+# ------------------------------------------------------------------------------------------------ presets and flags
+def test_presets_and_overrides(tmp_path):
+    c = _cfg()
+    assert (c.preset, c.configuration, c.epochs, c.iterations) == ("cpu-mini", "2d", 40, 25)
+    assert c.budgets == [0.1] and c.seeds == [0, 1, 2] and c.trainers == ["MixSupTrainer"]
+    assert c.small_plans == {"max_features": 128, "base_features": 16, "batch_size": 12, "patch_size": None}
+    assert c.plans_name == "nnUNetPlans_mixsupbench_small" and c.dataset is None
+    assert (c.boxes_share, c.tags_share) == (0.45, 0.2)
+    assert c.costs == {"mask": 1.0, "box": 0.1, "tags": 0.02, "none": 0.0}
+
+    g = _cfg("--preset", "gpu", "-d", "27")
+    assert (g.configuration, g.epochs, g.iterations, g.small_plans) == ("3d_fullres", 150, 250, None)
+    assert g.budgets == [0.05, 0.1, 0.2] and g.plans_name == "nnUNetPlans_mixsupbench" and g.dataset == "27"
+
+    o = _cfg("--epochs", "3", "--masks", "0.2", "3", "--seeds", "5", "--trainers", "MixSupTrainer_MeanTeacher",
+             "--batch-size", "4", "--scenario", "boxes", "--tags-share", "0", "--cost-box", "0.3")
+    assert (o.epochs, o.iterations, o.budgets, o.seeds) == (3, 25, [0.2, 3], [5])
+    assert o.trainers == ["MixSupTrainer_MeanTeacher"] and o.small_plans["batch_size"] == 4
+    assert o.small_plans["max_features"] == 128 and (o.boxes_share, o.tags_share) == (1.0, 0.0)
+    assert o.costs["box"] == 0.3 and o.costs["mask"] == 1.0
+    assert _cfg("--add-trainers", "MixSupTrainer_DMD").trainers == ["MixSupTrainer", "MixSupTrainer_DMD"]
+    assert _cfg("--preset", "gpu", "--max-features", "32").small_plans == {
+        "max_features": 32, "base_features": 8, "batch_size": None, "patch_size": None}
+    assert _cfg("--stock-plans").small_plans is None
+
+    with pytest.raises(BenchmarkError, match="> 1"):
+        _cfg("--boxes-share", "0.7", "--tags-share", "0.5")
+    with pytest.raises(BenchmarkError, match="baseline trainer"):
+        _cfg("--trainers", "nnUNetTrainer_MixSupBudget")
+    with pytest.raises(BenchmarkError, match="cannot be combined"):
+        _cfg("--stock-plans", "--batch-size", "2")
+
+
+# ------------------------------------------------------------------------------------------------ early checks
+def test_unknown_or_budgetless_trainer_is_refused(monkeypatch):
+    monkeypatch.setenv("nnUNet_extTrainer", trainers_path())
+    found = check_trainers(["nnUNetTrainer_MixSupBudget", "MixSupTrainer", "MixSupTrainer_MeanTeacher"])
+    assert set(found) == {"nnUNetTrainer_MixSupBudget", "MixSupTrainer", "MixSupTrainer_MeanTeacher"}
+    with pytest.raises(BenchmarkError, match="unknown trainer.*MixSupTrainer_Nope"):
+        check_trainers(["MixSupTrainer", "MixSupTrainer_Nope"])
+    with pytest.raises(BenchmarkError, match="do not read nnUNet_mixsup_epochs"):
+        check_trainers(["nnUNetTrainer"])
+
+
+def test_dense_dataset_checks(tmp_path):
+    folder = make_synthetic_dataset(tmp_path, 961, name="Dense", dim=2, counts={"mask": 4}, n_test=2)
+    ds = check_dense_dataset(folder)
+    assert (ds.id, len(ds.case_ids), ds.test_ids, ds.labels) == (961, 4, ["test_000", "test_001"], [1, 2])
+    (folder / "labelsTs" / "test_001.nii.gz").unlink()
+    with pytest.raises(BenchmarkError, match="do not match"):
+        check_dense_dataset(folder)
+    shutil.rmtree(folder / "labelsTs")
+    shutil.rmtree(folder / "imagesTs")
+    with pytest.raises(BenchmarkError, match="no test split"):
+        check_dense_dataset(folder)
+    (folder / "labelsTr" / "case_000.nii.gz").unlink()
+    with pytest.raises(BenchmarkError, match="without a label"):
+        check_dense_dataset(folder)
+
+
+def test_cli_fails_early_with_a_message(tmp_path, capsys):
+    make_synthetic_dataset(tmp_path / "nnUNet_raw", 961, name="Dense", dim=2, counts={"mask": 4}, n_test=0)
+    base = ["benchmark", "-d", "961", "--workdir", str(tmp_path), "--device", "cpu"]
+    assert main(base) == 1
+    assert "holds no test image" in capsys.readouterr().err
+    assert main([*base, "--trainers", "NoSuchTrainer"]) == 1
+    assert "unknown trainer" in capsys.readouterr().err
+    make_synthetic_dataset(tmp_path / "nnUNet_raw", 962, name="Dense2", dim=2, counts={"mask": 4}, n_test=1)
+    assert main([*base[:2], "962", *base[3:], "--masks", "0.1"]) == 1
+    assert "at least one 'mask' case" in capsys.readouterr().err
+    # nothing was simulated or trained
+    assert not list((tmp_path / "nnUNet_raw").glob("Dataset8*")) and not list((tmp_path / "nnUNet_results").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
+    make_synthetic_dataset(tmp_path / "nnUNet_raw", 961, name="Dense", dim=2, counts={"mask": 6}, n_test=2, seed=3)
+    argv = ["benchmark", "-d", "961", "--workdir", str(tmp_path), "--masks", "2", "--seeds", "0",
+            "--trainers", "MixSupTrainer", "--epochs", "1", "--iterations", "2", "-c", "2d",
+            "--max-features", "16", "--base-features", "4", "--batch-size", "2", "-np", "1", "--device", "cpu",
+            "--id-base", "700"]
+    t0 = time.time()
+    assert main(argv) == 0, capsys.readouterr().err
+    first = time.time() - t0
+    out1 = capsys.readouterr().out
+    res = tmp_path / "benchmark_results"
+    for f in ("results.csv", "summary.csv", "summary.md", "dice_vs_budget.png", "dice_vs_cost.png", "commands.sh",
+              "benchmark.json", "datasets.json"):
+        assert (res / f).is_file(), f
+    assert out1.count(": training ") == 3 and "[benchmark] 3/3" in out1
+
+    rows = _csv(res / "results.csv")
+    assert {(r["run"], r["class"]) for r in rows} == {(run, c) for run in ("lower", "MixSupTrainer", "upper")
+                                                      for c in ("blob", "dot", "mean")}
+    by_run = {r["run"]: r for r in rows if r["class"] == "mean"}
+    assert (by_run["lower"]["n_mask"], by_run["lower"]["n_box"], by_run["lower"]["fold"]) == ("2", "0", "1")
+    assert (by_run["MixSupTrainer"]["n_mask"], by_run["MixSupTrainer"]["n_box"]) == ("2", "2")
+    assert by_run["upper"]["n_mask"] == "6" and by_run["upper"]["budget"] == "all"
+    assert by_run["lower"]["dataset"] == by_run["MixSupTrainer"]["dataset"] == "700"
+    assert by_run["upper"]["dataset"] == "961"
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert float(by_run["upper"]["cost"]) == 6.0 and float(by_run["lower"]["cost"]) == 2.0
+    summary = _csv(res / "summary.csv")
+    assert {s["run"] for s in summary} == {"lower", "MixSupTrainer", "upper"}
+    assert json.loads((res / "datasets.json").read_text())["datasets"][0]["id"] == 700
+
+    # one plans file for every run: the same configuration in each run's plans.json
+    run_plans = sorted((tmp_path / "nnUNet_results").glob("*/*__nnUNetPlans_mixsupbench_small__2d/plans.json"))
+    assert len(run_plans) == 3
+    cfgs = [json.loads(p.read_text())["configurations"]["2d"] for p in run_plans]
+    assert {c["batch_size"] for c in cfgs} == {2}
+    assert len({json.dumps(c, sort_keys=True) for c in cfgs}) == 1
+
+    commands = (res / "commands.sh").read_text()
+    assert commands.count("nnUNetv2_train ") == 3 and commands.count("nnUNetv2_predict ") == 3
+    assert "nnUNetv2_move_plans_between_datasets -s 700 -t 961" in commands
+    assert commands.count(" plan_and_preprocess ") == 1 and "export nnUNet_mixsup_epochs=1" in commands
+
+    # resume: nothing is trained, predicted or evaluated again
+    t0 = time.time()
+    assert main(argv) == 0
+    second = time.time() - t0
+    out2 = capsys.readouterr().out
+    assert out2.count("already trained") == 3 and out2.count("prediction complete") == 3
+    assert out2.count("evaluation current") == 3 and "simulating" not in out2 and "planning" not in out2
+    assert (res / "commands.sh").read_text().count("nnUNetv2_train ") == 3
+    assert second < first / 2, (first, second)
+    assert _csv(res / "results.csv") == rows
+
+    # other settings in the same work directory are refused (finished runs would not be comparable)
+    assert main([*argv, "--epochs", "5"]) == 1
+    assert "other settings" in capsys.readouterr().err
+
