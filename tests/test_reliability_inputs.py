@@ -404,3 +404,23 @@ def test_evaluation_truncated_nifti_with_intact_header(eval_dirs):
     sitk.ReadImage(str(f))  # the header is intact
     with pytest.raises(EvaluationError, match="case b: cannot read the prediction .*truncated"):
         evaluate_folders(ref, pred, [1])
+
+
+# ------------------------------------------------------------------------------- the voxel scanner
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".nrrd"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8, np.int16])
+def test_scan_voxels_formats(tmp_path, suffix, dtype):
+    """NaN/inf counted and truncation found for every format (SimpleITK alone hides both for NIfTI)."""
+    from nnunet_mixsup.manifest import scan_voxels
+
+    a = (np.random.default_rng(0).random((7, 9, 11)) * 10).astype(dtype)
+    n_bad = 0
+    if a.dtype.kind == "f":
+        a.flat[[0, 5, 300, -1]] = [np.nan, np.inf, -np.inf, np.nan]
+        n_bad = 4
+    f = tmp_path / f"img{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(f), True)
+    assert scan_voxels(f) == (None, n_bad)
+    truncate(f, 0.97)
+    why, _ = scan_voxels(f)
+    assert why, "a truncated file was read as complete"
