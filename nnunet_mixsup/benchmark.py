@@ -69,8 +69,8 @@ preprocessed folder gets the shared plans under their own name). Without ``--use
 Presets (explicit flags override them):
 
 - ``cpu-mini``: the built-in demo dataset (``demo-data``, built when ``-d`` is not given), 2d, the
-  demo's small plans (features 16..128, batch 12), 40 epochs x 25 iterations, 10 % masks, seeds
-  0 1 2, ``MixSupTrainer``; 9 trainings, meant for a 2-core CPU.
+  demo's small plans (features 16..128, batch 12), 80 epochs x 25 iterations (5 validation
+  batches), 10 % masks, seeds 0 1 2, ``MixSupTrainer``; 9 trainings, meant for a 2-core CPU.
 - ``gpu``: nnU-Net's own plans (stock ``ExperimentPlanner``, stored as ``nnUNetPlans_mixsupbench``
   so a user's ``nnUNetPlans`` is never overwritten), 3d_fullres, 150 epochs x 250 iterations,
   masks 5 / 10 / 20 %, seeds 0 1 2, ``MixSupTrainer``.
@@ -141,8 +141,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "cpu-mini": Preset("2d", {"max_features": 128, "base_features": 16, "batch_size": 12, "patch_size": None},
-                       40, 25, (0.1,), (0, 1, 2), ("MixSupTrainer",), 2,
-                       {"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}),
+                       80, 25, (0.1,), (0, 1, 2), ("MixSupTrainer",), 2,
+                       {"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "nnUNet_mixsup_val_iterations": "5"}),
     "gpu": Preset("3d_fullres", None, 150, 250, (0.05, 0.1, 0.2), (0, 1, 2), ("MixSupTrainer",),
                   min(8, os.cpu_count() or 1)),
 }
@@ -163,7 +163,7 @@ class BenchmarkConfig:
     tags_share: float = 0.2
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     trainers: list[str] = field(default_factory=lambda: ["MixSupTrainer"])
-    epochs: int = 40
+    epochs: int = 80
     iterations: int = 25
     small_plans: dict[str, Any] | None = None
     planner: str = "ExperimentPlanner"
@@ -1288,7 +1288,7 @@ def register_cli(subparsers: Any) -> None:
                    help="trainers to compare, each on all cases (replaces the preset's MixSupTrainer)")
     s.add_argument("--add-trainers", nargs="+", default=None,
                    help="trainers to compare in addition to the preset's (e.g. MixSupTrainer_MeanTeacher)")
-    s.add_argument("--epochs", type=int, default=None, help="epochs of every run (cpu-mini 40, gpu 150)")
+    s.add_argument("--epochs", type=int, default=None, help="epochs of every run (cpu-mini 80, gpu 150)")
     s.add_argument("--iterations", type=int, default=None,
                    help="training iterations per epoch of every run (cpu-mini 25, gpu 250)")
     s.add_argument("--workdir", type=Path, default=Path("benchmark_work"),

@@ -58,11 +58,20 @@ class MixSupDataLoader(nnUNetDataLoader):
         self.weak_ids = [k for k in self.indices if supervision[k].type != "mask"]
 
     # ----------------------------------------------------------------------------------------------
+    def n_strong(self) -> int:
+        """Mask samples in the next batch: ``B * strong_fraction`` with the fractional part drawn at random.
+
+        So the expected share is exactly ``strong_fraction`` even for tiny batches (a DDP rank with
+        batch 1 and ``strong_fraction = 0.5`` gets a mask sample every other step, not never).
+        """
+        x = self.batch_size * self.strong_fraction
+        return int(np.floor(x)) + int(np.random.uniform() < x - np.floor(x))
+
     def get_indices(self) -> list[str]:
-        """Draw ``round(B * strong_fraction)`` mask cases and the rest weak cases, in random order."""
+        """Draw :meth:`n_strong` mask cases and the rest weak cases, in random order."""
         if not self.mask_ids or not self.weak_ids:
             return list(np.random.choice(self.indices, self.batch_size, replace=True))
-        n_strong = round(self.batch_size * self.strong_fraction)
+        n_strong = self.n_strong()
         keys = list(np.random.choice(self.mask_ids, n_strong, replace=True)) + \
             list(np.random.choice(self.weak_ids, self.batch_size - n_strong, replace=True))
         np.random.shuffle(keys)

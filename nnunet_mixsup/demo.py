@@ -65,6 +65,11 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
     env.setdefault("nnUNet_def_n_proc", "1")
     env.setdefault("nnUNet_n_proc_DA", "1")
     env.setdefault("nnUNet_mixsup_no_plot", "1")
+    # extra trainers (no _Demo class of their own) get the demo budget through the environment
+    from nnunet_mixsup.trainer import nnUNetTrainer_MixSupDemo as budget
+    env.setdefault("nnUNet_mixsup_epochs", str(budget.demo_epochs))
+    env.setdefault("nnUNet_mixsup_iterations", str(budget.demo_iterations))
+    env.setdefault("nnUNet_mixsup_val_iterations", "5")
     log = workdir / "demo_log.txt"
     t0 = time.time()
 

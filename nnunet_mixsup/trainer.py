@@ -67,21 +67,24 @@ def set_budget(trainer: nnUNetTrainer, epochs: int, iterations: int, val_iterati
     apply_env_budget(trainer)
 
 
-BUDGET_ENV = ("nnUNet_mixsup_epochs", "nnUNet_mixsup_iterations")
+BUDGET_ENV = ("nnUNet_mixsup_epochs", "nnUNet_mixsup_iterations", "nnUNet_mixsup_val_iterations")
 
 
 def apply_env_budget(trainer: nnUNetTrainer) -> None:
-    """Let ``nnUNet_mixsup_epochs`` / ``nnUNet_mixsup_iterations`` override the schedule, if set.
+    """Let ``nnUNet_mixsup_epochs`` / ``_iterations`` / ``_val_iterations`` override the schedule, if set.
 
     Benchmarks must train every run - the stock baseline included - with the same budget; the
     environment (nnU-Net's own way of passing settings to ``nnUNetv2_train``) does that without a
-    trainer class per budget. Unset, nothing changes.
+    trainer class per budget. ``_val_iterations`` sets the online-validation batches per epoch
+    (nnU-Net: 50), which dominate the cost of short CPU runs. Unset, nothing changes.
     """
-    e, i = (os.environ.get(k) for k in BUDGET_ENV)
+    e, i, v = (os.environ.get(k) for k in BUDGET_ENV)
     if e:
         trainer.num_epochs = int(e)
     if i:
         trainer.num_iterations_per_epoch = int(i)
+    if v:
+        trainer.num_val_iterations_per_epoch = int(v)
 
 
 class MixSupTrainer(nnUNetTrainer):
@@ -467,6 +470,10 @@ class MixSupTrainer_MLDS(MixSupTrainer):
         if self.strong_fraction >= 1.0:  # mask cases only
             sup = self.load_supervision()
             keys = [k for k in dataset_tr.identifiers if sup[k].type == "mask"]
+            if not keys:
+                raise RuntimeError(f"fold {self.fold}: {type(self).__name__} trains on mask cases only, but the "
+                                   f"fold's training split has no mask case. Add mask cases to its 'train' list "
+                                   f"in splits_final.json or use a trainer that learns from weak cases.")
             dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, keys,
                                             folder_with_segs_from_previous_stage=self.folder_with_segs_from_previous_stage)
         return dataset_tr, dataset_val

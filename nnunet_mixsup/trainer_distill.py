@@ -83,6 +83,11 @@ class _TeacherStudentBase(MixSupTrainer_WeakOnly):
         is_mask = batch["sup_type"].to(device) == TYPE_CODES["mask"]
         return is_mask, ~is_mask
 
+    def only(self, samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``target`` (B, 1, *s) with the unselected samples set to the ignore label (needs one)."""
+        keep = samples.view(-1, *([1] * (target.ndim - 1)))
+        return torch.where(keep, target, torch.full_like(target, self.label_manager.ignore_label))
+
 
 class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
     """Mean-taught deep supervision (Reiss et al., CVPR 2021) on top of the weak-label losses.
@@ -143,17 +148,18 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         output = output if isinstance(output, (list, tuple)) else [output]
         _, weak = self.sample_groups(batch, data.device)
         terms = self.compute_loss(output, seg, allowed, batch)
-        pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], weak)
-        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0])
-        # the pseudo-label term covers the weak samples only (mask samples are in "supervised")
-        pseudo_weak = torch.where(weak.view(-1, *([1] * (pseudo.ndim - 1))), pseudo,
-                                  torch.full_like(pseudo, self.label_manager.ignore_label))
         logits = output[0] if self.pseudo_on_clean_head else \
             self.extra_modules["pseudo_head"](self.decoder_tap.pop())
-        if weak.any():
-            terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.fullres_loss(logits, pseudo_weak)
-        else:
-            terms["pseudo"] = logits.sum() * 0
+        if self.label_manager.ignore_label is None:  # nothing is unknown anywhere: no pseudo labels needed
+            terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.fullres_loss(logits, seg[0])
+            return terms
+        pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], weak)
+        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0])
+        # the pseudo-label term covers the weak samples only (mask samples are in "supervised"); it is
+        # computed even when the batch has none (all-ignore target, constant loss) so that every DDP
+        # rank runs the same collective operations inside nnU-Net's Dice
+        terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.fullres_loss(
+            logits, self.only(weak, pseudo))
         return terms
 
     def after_optimizer_step(self) -> None:
@@ -202,14 +208,13 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
         t_out = t_out if isinstance(t_out, (list, tuple)) else [t_out]
         is_mask, weak = self.sample_groups(batch, data.device)
         terms = self.compute_loss(output, seg, allowed, batch)
-        if is_mask.any():
-            if self.enable_deep_supervision:
-                terms["teacher"] = self.teacher_weight * self.loss([t[is_mask] for t in t_out],
-                                                                   [s[is_mask] for s in seg])
-            else:
-                terms["teacher"] = self.teacher_weight * self.fullres_loss(t_out[0][is_mask], seg[0][is_mask])
+        # teacher: mask samples only, by setting the other samples' targets to the ignore label (not by
+        # slicing the batch: every DDP rank must run the same collectives inside nnU-Net's Dice)
+        seg_t = seg if self.label_manager.ignore_label is None else [self.only(is_mask, x) for x in seg]
+        if self.enable_deep_supervision:
+            terms["teacher"] = self.teacher_weight * self.loss(t_out, seg_t)
         else:
-            terms["teacher"] = t_out[0].sum() * 0
+            terms["teacher"] = self.teacher_weight * self.fullres_loss(t_out[0], seg_t[0])
         ramp = self.distill_ramp()
         t_probs = constrain_pseudo_labels(torch.softmax(t_out[0].detach().float(), dim=1), allowed[0].float())
         terms["kl"] = ramp * self.kl_weight * self.kl_loss(output[0], torch.log(t_probs), sample_mask=weak)

@@ -155,7 +155,7 @@ def test_plans_signature():
 # ------------------------------------------------------------------------------------------------ presets and flags
 def test_presets_and_overrides(tmp_path):
     c = _cfg()
-    assert (c.preset, c.configuration, c.epochs, c.iterations) == ("cpu-mini", "2d", 40, 25)
+    assert (c.preset, c.configuration, c.epochs, c.iterations) == ("cpu-mini", "2d", 80, 25)
     assert c.budgets == [0.1] and c.seeds == [0, 1, 2] and c.trainers == ["MixSupTrainer"]
     assert c.small_plans == {"max_features": 128, "base_features": 16, "batch_size": 12, "patch_size": None}
     assert c.plans_name == "nnUNetPlans_mixsupbench_small" and c.dataset is None
