@@ -83,10 +83,6 @@ class _TeacherStudentBase(MixSupTrainer_WeakOnly):
         is_mask = batch["sup_type"].to(device) == TYPE_CODES["mask"]
         return is_mask, ~is_mask
 
-    def only(self, samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``target`` (B, 1, *s) with the unselected samples set to the ignore label (needs one)."""
-        keep = samples.view(-1, *([1] * (target.ndim - 1)))
-        return torch.where(keep, target, torch.full_like(target, self.label_manager.ignore_label))
 
 
 class MixSupTrainer_MeanTeacher(_TeacherStudentBase):

@@ -98,3 +98,23 @@ def test_non_finite_loss_is_skipped_then_stops(planned_3d):
         tr.train_step(bad)
     tr.consecutive_bad_steps = 0
     assert np.isfinite(tr.train_step(batch)["loss"])
+
+
+def test_supervised_loss_is_nnunet_loss_per_group(planned_2d):
+    """The mask part equals nnU-Net's loss on the mask samples alone (weak voxels do not dilute it)."""
+    from nnunet_mixsup.manifest import TYPE_CODES
+
+    tr = _trainer("MixSupTrainer", planned_2d, "2d")
+    torch.manual_seed(0)
+    ign = tr.label_manager.ignore_label
+    c = tr.label_manager.num_segmentation_heads
+    out = torch.randn(4, c, 8, 8)
+    seg = torch.randint(0, c, (4, 1, 8, 8))
+    seg[2:, :, :4] = ign  # weak samples: partly unknown
+    batch = {"sup_type": torch.tensor([TYPE_CODES["mask"], TYPE_CODES["mask"], TYPE_CODES["box"], TYPE_CODES["none"]])}
+    loss = tr.loss.loss  # nnU-Net's Dice + CE (inside the deep-supervision wrapper)
+    got = tr.supervised_loss(loss, out, seg, batch)
+    want = loss(out[:2], seg[:2]) + tr.weak_supervised_weight * loss(out[2:], seg[2:])
+    assert torch.allclose(got, want, atol=1e-5)
+    tr.separate_group_losses = False
+    assert torch.allclose(tr.supervised_loss(loss, out, seg, batch), loss(out, seg))
