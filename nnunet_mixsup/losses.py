@@ -39,6 +39,7 @@ __all__ = [
     "CertainNegativeLoss",
     "EntropyLoss",
     "KLDistillationLoss",
+    "KnownVoxelCrossEntropyLoss",
     "MultiLabelDeepSupervisionLoss",
     "SoftDiceAgreementLoss",
     "constrain_pseudo_labels",
@@ -136,6 +137,49 @@ def _log_one_minus_softmax(z: Tensor) -> Tensor:
     # (a -inf in the unused branch of torch.where would still give NaN gradients)
     log_q_rest = torch.log1p(-torch.where(is_top, torch.zeros_like(p), p))
     return torch.where(is_top, log_q_top.expand_as(z), log_q_rest)
+
+
+class KnownVoxelCrossEntropyLoss(nn.Module):
+    """Softmax cross-entropy averaged over the voxels whose label is known.
+
+    ``CE = -log softmax(logits)[target]`` per voxel, in float32; voxels with ``target ==
+    ignore_index`` contribute neither value nor gradient; the mean is over the known voxels of
+    the whole batch (the same normalisation as nnU-Net's CE). Unlike ``torch``'s CE with
+    ``ignore_index``, a batch without any known voxel gives an exact 0 (not NaN).
+
+    Why not Dice here: for weak samples the known voxels are (almost) all certain background,
+    and a soft Dice of a class with no positive voxel is maximised only by predicting exactly
+    nothing anywhere - a strong, degenerate push against every foreground class.
+
+    Args:
+        ignore_index: label value meaning "unknown" (None: every voxel is known).
+
+    Forward:
+        logits: (B, C, *spatial) raw scores.
+        target: (B, 1, *spatial) integer label map.
+
+    Returns:
+        float32 scalar >= 0.
+    """
+
+    def __init__(self, ignore_index: int | None = None) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        _check_logits(logits)
+        if target.shape != (logits.shape[0], 1, *logits.shape[2:]):
+            raise ValueError(f"target must have shape {(logits.shape[0], 1, *logits.shape[2:])}, "
+                             f"got {tuple(target.shape)}")
+        t = target[:, 0].long()
+        with _fp32(logits):
+            if self.ignore_index is None:
+                known = torch.ones_like(t, dtype=torch.bool)
+            else:
+                known = t != self.ignore_index
+            ce = F.cross_entropy(logits.float(), torch.where(known, t, torch.zeros_like(t)), reduction="none")
+            ce = torch.where(known, ce, torch.zeros((), device=ce.device))
+            return ce.sum() / known.sum().clamp_min(1)
 
 
 class CertainNegativeLoss(nn.Module):

@@ -41,6 +41,7 @@ from nnunet_mixsup.losses import (
     BoxProjectionLoss,
     CertainNegativeLoss,
     EntropyLoss,
+    KnownVoxelCrossEntropyLoss,
     MultiLabelDeepSupervisionLoss,
     labels_to_pos_known,
     multilabel_pooled_targets,
@@ -92,8 +93,8 @@ class MixSupTrainer(nnUNetTrainer):
 
     Attributes (hyperparameters):
         strong_fraction: share of every training batch drawn from mask cases.
-        separate_group_losses: nnU-Net's loss over mask and weak samples separately (see
-            :meth:`supervised_loss`); weak_supervised_weight: factor of the weak samples' part.
+        separate_group_losses: nnU-Net's loss on the mask samples, known-voxel CE on the weak ones
+            (see :meth:`supervised_loss`); weak_supervised_weight: factor of the weak samples' part.
         negative_weight: weight of the certain-negative term (``CertainNegativeLoss``).
         max_consecutive_bad_steps: non-finite losses are skipped; this many in a row stop training.
     """
@@ -284,6 +285,7 @@ class MixSupTrainer(nnUNetTrainer):
     # -------------------------------------------------------------------------------- losses
     def _build_loss(self):
         self.negative_loss = CertainNegativeLoss()
+        self.weak_ce = KnownVoxelCrossEntropyLoss(self.label_manager.ignore_label)
         return super()._build_loss()
 
     def deep_supervision_weights(self, n_outputs: int) -> list[float]:
@@ -300,27 +302,33 @@ class MixSupTrainer(nnUNetTrainer):
         return torch.where(keep, target, torch.full_like(target, self.label_manager.ignore_label))
 
     def supervised_loss(self, loss_fn, output, target, batch: dict) -> torch.Tensor:
-        """nnU-Net's loss (``loss_fn``), over the mask samples and over the weak samples separately.
+        """nnU-Net's loss (``loss_fn``) on the mask samples + known-voxel CE on the weak samples.
 
         nnU-Net's CE is a mean over every annotated voxel of the batch and its batch Dice sums over
         the batch, so in one call the many certain-background voxels of weak samples (outside their
-        boxes) dilute the mask samples' gradient - on the demo the small ventricle class appeared
-        about 10 epochs later than with stock nnU-Net. Split by group, the first term is exactly
-        nnU-Net's loss on the batch's mask samples; the weak samples add their own, separately
-        normalised term times ``weak_supervised_weight``. ``output`` / ``target``: a tensor or a
-        list over deep-supervision scales (as ``loss_fn`` takes them). Both terms are always
-        computed (an absent group gets an all-ignore target: constant loss) so that every DDP rank
+        boxes) dilute the mask samples' gradient. Split by group, the first term is exactly
+        nnU-Net's loss on the batch's mask samples. The weak samples get cross-entropy on their
+        known voxels only (:class:`KnownVoxelCrossEntropyLoss`, times ``weak_supervised_weight``;
+        deep-supervision outputs weighted like nnU-Net's): their known voxels are certain
+        background, where a Dice term is degenerate. ``output`` / ``target``: a tensor or a list
+        over deep-supervision scales (as ``loss_fn`` takes them). The mask term is always computed
+        (all-ignore target when the batch has no mask sample: constant) so that every DDP rank
         runs the same collectives inside nnU-Net's Dice.
         """
         if self.label_manager.ignore_label is None or not self.separate_group_losses:
             return loss_fn(output, target)
-        dev = (target[0] if isinstance(target, (list, tuple)) else target).device
+        many = isinstance(target, (list, tuple))
+        dev = (target[0] if many else target).device
         is_mask = batch["sup_type"].to(dev) == TYPE_CODES["mask"]
-
-        def part(sel: torch.Tensor):
-            return [self.only(sel, t) for t in target] if isinstance(target, (list, tuple)) else self.only(sel, target)
-
-        return loss_fn(output, part(is_mask)) + self.weak_supervised_weight * loss_fn(output, part(~is_mask))
+        if many:
+            mask_part = loss_fn(output, [self.only(is_mask, t) for t in target])
+            weights = self.deep_supervision_weights(len(output))
+            weak_part = sum(w * self.weak_ce(o, self.only(~is_mask, t))
+                            for w, o, t in zip(weights, output, target) if w > 0)
+        else:
+            mask_part = loss_fn(output, self.only(is_mask, target))
+            weak_part = self.weak_ce(output, self.only(~is_mask, target))
+        return mask_part + self.weak_supervised_weight * weak_part
 
     def compute_loss(self, output: list[torch.Tensor], seg: list[torch.Tensor], allowed: list[torch.Tensor],
                      batch: dict) -> dict[str, torch.Tensor]:

@@ -588,3 +588,19 @@ def test_autocast_bf16_matches_fp32(name):
     assert out.item() == pytest.approx(fn(z.float()).item(), rel=1e-5, abs=1e-6)
     # ... and close to the full fp32 pipeline (bf16 logits carry ~3 significant digits)
     assert out.item() == pytest.approx(ref32.item(), rel=3e-2, abs=3e-3)
+
+
+def test_known_voxel_ce_hand_values_masking_and_empty():
+    from nnunet_mixsup.losses import KnownVoxelCrossEntropyLoss
+
+    logits = torch.zeros(1, 2, 2, 1, requires_grad=True)  # uniform: CE = log 2 per voxel
+    target = torch.tensor([[[[1], [9]]]])  # second voxel unknown
+    loss = KnownVoxelCrossEntropyLoss(ignore_index=9)(logits, target)
+    assert loss.item() == pytest.approx(math.log(2))
+    loss.backward()
+    assert logits.grad[0, :, 1].abs().sum() == 0  # the unknown voxel gets no gradient
+    assert logits.grad[0, 1, 0] < 0  # raise the true class
+    empty = KnownVoxelCrossEntropyLoss(9)(torch.full((2, 3, 4, 4, 4), 1e4), torch.full((2, 1, 4, 4, 4), 9))
+    assert empty.item() == 0.0
+    big = KnownVoxelCrossEntropyLoss(None)(torch.tensor([[[[1e4]], [[-1e4]]]]), torch.tensor([[[[1]]]]))
+    assert torch.isfinite(big) and big.item() == pytest.approx(2e4)

@@ -101,7 +101,7 @@ def test_non_finite_loss_is_skipped_then_stops(planned_3d):
 
 
 def test_supervised_loss_is_nnunet_loss_per_group(planned_2d):
-    """The mask part equals nnU-Net's loss on the mask samples alone (weak voxels do not dilute it)."""
+    """Mask part: nnU-Net's loss on the mask samples alone; weak part: CE over their known voxels."""
     from nnunet_mixsup.manifest import TYPE_CODES
 
     tr = _trainer("MixSupTrainer", planned_2d, "2d")
@@ -114,7 +114,9 @@ def test_supervised_loss_is_nnunet_loss_per_group(planned_2d):
     batch = {"sup_type": torch.tensor([TYPE_CODES["mask"], TYPE_CODES["mask"], TYPE_CODES["box"], TYPE_CODES["none"]])}
     loss = tr.loss.loss  # nnU-Net's Dice + CE (inside the deep-supervision wrapper)
     got = tr.supervised_loss(loss, out, seg, batch)
-    want = loss(out[:2], seg[:2]) + tr.weak_supervised_weight * loss(out[2:], seg[2:])
+    known = seg[2:] != ign
+    ce = torch.nn.functional.cross_entropy(out[2:], torch.where(known, seg[2:], 0)[:, 0], reduction="none")
+    want = loss(out[:2], seg[:2]) + tr.weak_supervised_weight * ce[known[:, 0]].mean()
     assert torch.allclose(got, want, atol=1e-5)
     tr.separate_group_losses = False
     assert torch.allclose(tr.supervised_loss(loss, out, seg, batch), loss(out, seg))
