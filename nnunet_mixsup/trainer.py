@@ -6,9 +6,11 @@ Follow one batch: :class:`nnunet_mixsup.data.MixSupDataLoader` yields ``target``
 :meth:`MixSupTrainer.compute_loss`, which returns named loss terms (plain torch modules from
 :mod:`nnunet_mixsup.losses`); their weighted sum is optimised exactly like nnU-Net's own loss.
 
-``MixSupTrainer``: nnU-Net's Dice + CE with the ignore label on every case (a box case is certain
-background outside its boxes) + certain negatives per class (outside the boxes of that class,
-classes absent from the image tags), on every deep-supervision output with nnU-Net's weights.
+``MixSupTrainer`` (the default, chosen by the demo benchmark, docs/BENCHMARKS.md): nnU-Net's Dice + CE
+on the mask samples of each batch exactly as stock nnU-Net computes it, cross-entropy on the known
+voxels of the weak samples (a box case is certain background outside its boxes), and certain
+negatives per class (outside the boxes of that class, classes absent from the image tags), on
+every deep-supervision output with nnU-Net's weights.
 
 Validation (online pseudo-Dice and final validation) only ever sees mask cases. The network is
 nnU-Net's own, so checkpoints load in stock ``nnUNetv2_predict`` and friends.
