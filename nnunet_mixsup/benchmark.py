@@ -569,25 +569,17 @@ def _environ(updates: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: it exists
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """One benchmark per work directory at a time (a stale lock of a dead process is taken over)."""
+    from nnunet_mixsup.prepare import pid_alive
+
     if path.is_file():
         try:
             pid = int(path.read_text().strip() or 0)
         except (OSError, ValueError):
             pid = 0
-        if pid and pid != os.getpid() and _process_exists(pid):
+        if pid and pid != os.getpid() and pid_alive(pid):
             raise BenchmarkError(f"another benchmark (pid {pid}) is running in {path.parent}; wait for it or "
                                  f"remove {path} if that process is not a benchmark")
     path.write_text(f"{os.getpid()}\n")

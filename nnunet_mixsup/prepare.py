@@ -204,7 +204,8 @@ def load_and_validate(folder: Path, check_image_data: bool = True,
     return ds, full, generated
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process with this id exists (used to tell a live writer's staging folder from a dead one's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -225,7 +226,7 @@ def _staging_dir(folder: Path) -> Path:
             for old in parent.iterdir():
                 if old.name.startswith(prefix) and old.is_dir():
                     pid = old.name[len(prefix):].split("-", 1)[0]
-                    if pid.isdigit() and not _pid_alive(int(pid)):
+                    if pid.isdigit() and not pid_alive(int(pid)):
                         shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass

@@ -113,16 +113,6 @@ def validate_dataset_id(dataset_id: Any) -> int:
     return int(dataset_id)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: it exists
-        return True
-    return True
-
-
 def _recover_interrupted(target: Path) -> None:
     """Clean up after a killed :func:`staged_folder` run of ``target``.
 
@@ -130,6 +120,8 @@ def _recover_interrupted(target: Path) -> None:
     moved aside for an ``overwrite``) is moved back if the target is missing - the kill came
     between the two renames - and removed if the target exists (the new dataset was complete).
     """
+    from nnunet_mixsup.prepare import pid_alive
+
     parent = target.parent
     if not parent.is_dir():
         return
@@ -138,11 +130,11 @@ def _recover_interrupted(target: Path) -> None:
     for p in sorted(parent.iterdir()):
         if p.name.startswith(tmp_prefix) and p.is_dir():
             pid = p.name[len(tmp_prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(old_prefix) and p.is_dir():
             pid = p.name[len(old_prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 olds.append(p)
     for old in olds:
         if not target.exists():
