@@ -697,13 +697,13 @@ def check_trainers(names: Sequence[str]) -> dict[str, type]:
             except (RuntimeError, AssertionError):
                 unknown.append(n)
     known = sorted(k for m in (tr_mod, trainer_distill) for k, v in vars(m).items()
-                   if isinstance(v, type) and issubclass(v, tr_mod.MixSupTrainer))
+                   if isinstance(v, type) and issubclass(v, tr_mod.MixSupTrainerBase))
     if unknown:
         raise BenchmarkError(f"unknown trainer(s) {unknown}: no such class in nnunetv2.training.nnUNetTrainer nor "
                              f"in nnUNet_extTrainer={os.environ.get('nnUNet_extTrainer', '')}. "
                              f"MixSup trainers: {', '.join(known)}")
     ignoring = [n for n, c in found.items()
-                if not issubclass(c, (tr_mod.MixSupTrainer, tr_mod.nnUNetTrainer_MixSupBudget))]
+                if not issubclass(c, (tr_mod.MixSupTrainerBase, tr_mod.nnUNetTrainer_MixSupBudget))]
     if ignoring:
         raise BenchmarkError(f"trainer(s) {ignoring} do not read nnUNet_mixsup_epochs / nnUNet_mixsup_iterations, so "
                              f"they would train with another budget than the baselines; use a MixSup trainer "

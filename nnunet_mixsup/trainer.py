@@ -1,16 +1,21 @@
 """Mixed-supervision trainers: thin subclasses of nnU-Net's ``nnUNetTrainer``.
 
 Follow one batch: :class:`nnunet_mixsup.data.MixSupDataLoader` yields ``target`` scales of shape
-(B, 1 + K, *s) plus ``sup_type`` and ``tags``; :meth:`MixSupTrainer.train_step` splits channel 0
+(B, 1 + K, *s) plus ``sup_type`` and ``tags``; :meth:`MixSupTrainerBase.train_step` splits channel 0
 (nnU-Net's label map with the ignore label) from the K *allowed* channels and hands both to
-:meth:`MixSupTrainer.compute_loss`, which returns named loss terms (plain torch modules from
+:meth:`MixSupTrainerBase.compute_loss`, which returns named loss terms (plain torch modules from
 :mod:`nnunet_mixsup.losses`); their weighted sum is optimised exactly like nnU-Net's own loss.
 
-``MixSupTrainer`` (the default, chosen by the demo benchmark, docs/BENCHMARKS.md): nnU-Net's Dice + CE
-on the mask samples of each batch exactly as stock nnU-Net computes it, cross-entropy on the known
-voxels of the weak samples (a box case is certain background outside its boxes), and certain
-negatives per class (outside the boxes of that class, classes absent from the image tags), on
-every deep-supervision output with nnU-Net's weights.
+``MixSupTrainerBase`` holds the plumbing (supervision manifest, mask-only validation splits, the
+mixed-supervision loader, per-group supervised loss, extra modules and their checkpointing, per-term
+logging, non-finite-step handling) and the simplest scheme: nnU-Net's Dice + CE on the mask
+samples exactly as stock, cross-entropy on the known voxels of the weak samples, certain negatives
+per class. ``MixSupTrainer_Negatives`` is that scheme as a variant.
+
+``MixSupTrainer`` (the default users run) = ``MixSupTrainer_WeakOnly``: that scheme plus MLDS
+(coarse outputs), box tightness and ramped entropy. It is the scheme that won the cpu-mini
+benchmark (docs/BENCHMARKS.md): the negatives-only scheme failed to learn the small class in 2 of
+3 runs; box tightness supplies the positives that the one-sided box negatives lack.
 
 Validation (online pseudo-Dice and final validation) only ever sees mask cases. The network is
 nnU-Net's own, so checkpoints load in stock ``nnUNetv2_predict`` and friends.
@@ -90,8 +95,8 @@ def apply_env_budget(trainer: nnUNetTrainer) -> None:
         trainer.num_val_iterations_per_epoch = int(v)
 
 
-class MixSupTrainer(nnUNetTrainer):
-    """nnU-Net trainer that learns from mask, box, image-tag and unlabelled cases together.
+class MixSupTrainerBase(nnUNetTrainer):
+    """nnU-Net trainer that learns from mask, box, image-tag and unlabelled cases together (base class).
 
     Attributes (hyperparameters):
         strong_fraction: share of every training batch drawn from mask cases.
@@ -486,7 +491,11 @@ def boxes_inside_patch(box_masks: torch.Tensor) -> torch.Tensor:
     return present & ~on_border
 
 
-class MixSupTrainer_MLDS(MixSupTrainer):
+class MixSupTrainer_Negatives(MixSupTrainerBase):
+    """The simplest scheme: per-group supervised loss + certain negatives (no MLDS, box or entropy term)."""
+
+
+class MixSupTrainer_MLDS(MixSupTrainerBase):
     """Multi-label deep supervision (Reiss et al., CVPR 2021) on mask cases only.
 
     Full resolution: nnU-Net's Dice + CE. Every coarser output: sigmoid + BCE per class against the
@@ -612,6 +621,15 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
         unlabelled = sup_type == TYPE_CODES["none"]
         terms["entropy"] = self.entropy_weight * self.rampup() * self.entropy_loss(output[0], sample_mask=unlabelled)
         return terms
+
+
+class MixSupTrainer(MixSupTrainer_WeakOnly):
+    """The default mixed-supervision trainer (``nnUNetv2_train ... -tr MixSupTrainer``).
+
+    Identical to :class:`MixSupTrainer_WeakOnly` (mixed-supervision loader, nnU-Net's loss on the
+    mask samples, known-voxel CE on the weak ones, MLDS, certain negatives, box tightness, ramped
+    entropy); chosen by the benchmark in docs/BENCHMARKS.md. Change the default only with numbers.
+    """
 
 
 class MixSupTrainer_Smoke(MixSupTrainer):

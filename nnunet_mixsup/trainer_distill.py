@@ -9,12 +9,12 @@ extra forward passes, pseudo labels) -> named loss terms (plain modules of
 What is exported: ``self.network`` is always one stock nnU-Net network (student / first network),
 so ``checkpoint['network_weights']`` loads into ``build_network_architecture(...,
 enable_deep_supervision=False)`` and stock ``nnUNetv2_predict`` costs what stock nnU-Net costs.
-Teacher, second decoder or second network live in ``self.extra_modules``; ``MixSupTrainer``
+Teacher, second decoder or second network live in ``self.extra_modules``; ``MixSupTrainerBase``
 saves them in the checkpoint (``mixsup_state``) and restores them on ``--c``; trainable ones share
 nnU-Net's optimizer (a second parameter group) and grad scaler.
 
 DDP (``-num_gpus N``): the student is wrapped by nnU-Net; trainable extra modules get their own
-DDP wrapper in ``MixSupTrainer.initialize`` (gradients all-reduced, initial weights broadcast from
+DDP wrapper in ``MixSupTrainerBase.initialize`` (gradients all-reduced, initial weights broadcast from
 rank 0); the EMA teacher is not trained and is updated from the synchronised student weights, so
 it is identical on every rank without communication. Feature taps (forward hooks) read the
 encoder / last decoder stage of the plain module inside the wrappers; torch.compile is disabled

@@ -25,7 +25,8 @@ def _trainer(cls_name, info, config):
     return tr
 
 
-@pytest.mark.parametrize("cls_name", ["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_WeakOnly"])
+@pytest.mark.parametrize("cls_name", ["MixSupTrainer", "MixSupTrainer_Negatives", "MixSupTrainer_MLDS",
+                                      "MixSupTrainer_WeakOnly"])
 @pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
 def test_train_steps_finite_and_all_terms_logged(cls_name, which, config, request):
     info = request.getfixturevalue(which)

@@ -5,6 +5,7 @@ from nnunet_mixsup.trainer import (  # noqa: F401
     MixSupTrainer_MLDS,
     MixSupTrainer_MLDS_Demo,
     MixSupTrainer_MLDS_Uniform,
+    MixSupTrainer_Negatives,
     MixSupTrainer_Smoke,
     MixSupTrainer_WeakOnly,
     MixSupTrainer_WeakOnly_Demo,
