@@ -352,10 +352,7 @@ class MixSupTrainerBase(nnUNetTrainer):
     def forward_and_loss(self, data: torch.Tensor, seg: list[torch.Tensor], allowed: list[torch.Tensor],
                          batch: dict) -> dict[str, torch.Tensor]:
         """Network forward pass(es) and the named loss terms; teacher-student variants override this."""
-        output = self.network(data)
-        if not isinstance(output, (list, tuple)):
-            output = [output]
-        return self.compute_loss(output, seg, allowed, batch)
+        return self.compute_loss(as_list(self.network(data)), seg, allowed, batch)
 
     def after_optimizer_step(self) -> None:
         """Called after every successful optimizer step (the mean teacher's EMA update goes here)."""
@@ -463,6 +460,11 @@ class MixSupTrainerBase(nnUNetTrainer):
         fig.savefig(join(self.output_folder, "progress_mixsup.png"))
         plt.close(fig)
 
+
+
+def as_list(output) -> list[torch.Tensor]:
+    """A network output as a list over deep-supervision scales (full resolution first)."""
+    return list(output) if isinstance(output, (list, tuple)) else [output]
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -36,7 +36,7 @@ from nnunet_mixsup.losses import (
     pseudo_label_map,
 )
 from nnunet_mixsup.manifest import TYPE_CODES
-from nnunet_mixsup.trainer import MixSupTrainer_WeakOnly, unwrap
+from nnunet_mixsup.trainer import MixSupTrainer_WeakOnly, as_list, unwrap
 
 
 class FeatureTap:
@@ -62,10 +62,6 @@ def linear_rampup(epoch: int, length: int) -> float:
     return 1.0 if length <= 0 else min(1.0, (epoch + 1) / length)
 
 
-def _first(output):
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
 class _TeacherStudentBase(MixSupTrainer_WeakOnly):
     """Shared plumbing: sample groups of a batch and the ramp-up."""
 
@@ -77,6 +73,12 @@ class _TeacherStudentBase(MixSupTrainer_WeakOnly):
     def distill_ramp(self) -> float:
         """Weight factor of the distillation terms: linear 0 -> 1 over ``distill_rampup`` of the epochs."""
         return linear_rampup(self.current_epoch, round(self.distill_rampup * self.num_epochs))
+
+    def fresh_network(self) -> nn.Module:
+        """A newly initialised network from the plans, like nnU-Net's own (second decoder / network)."""
+        return self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                               self.num_input_channels, self.label_manager.num_segmentation_heads,
+                                               self.enable_deep_supervision).to(self.device)
 
     def sample_groups(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(is_mask, is_weak) (B,) bool tensors from the loader's ``sup_type``."""
@@ -135,13 +137,12 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         """Real labels where known; on weak samples, confident constrained teacher labels elsewhere."""
         teacher = self.extra_modules["teacher"]
         noisy = data + self.teacher_noise_std * torch.randn_like(data) if self.teacher_noise_std > 0 else data
-        probs = torch.softmax(_first(teacher(noisy)).float(), dim=1)
+        probs = torch.softmax(as_list(teacher(noisy))[0].float(), dim=1)
         probs = constrain_pseudo_labels(probs, allowed0.float())
         return pseudo_label_map(probs, seg0, self.label_manager.ignore_label, self.pseudo_threshold, weak)
 
     def forward_and_loss(self, data, seg, allowed, batch):
-        output = self.network(data)
-        output = output if isinstance(output, (list, tuple)) else [output]
+        output = as_list(self.network(data))
         _, weak = self.sample_groups(batch, data.device)
         terms = self.compute_loss(output, seg, allowed, batch)
         logits = output[0] if self.pseudo_on_clean_head else \
@@ -187,10 +188,7 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
         net = unwrap(self.network)
-        other = self.build_network_architecture(self.plans_manager, self.configuration_manager,
-                                                self.num_input_channels, self.label_manager.num_segmentation_heads,
-                                                self.enable_deep_supervision).to(self.device)
-        decoder = other.decoder
+        decoder = self.fresh_network().decoder
         decoder.encoder = None  # the teacher decoder reads the student's encoder skips, not its own encoder
         self.encoder_tap = FeatureTap(net.encoder)
         self.kl_loss = KLDistillationLoss(self.kl_temperature)
@@ -198,10 +196,8 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
         return {"teacher_decoder": decoder}
 
     def forward_and_loss(self, data, seg, allowed, batch):
-        output = self.network(data)
-        output = output if isinstance(output, (list, tuple)) else [output]
-        t_out = self.extra_modules["teacher_decoder"](self.encoder_tap.pop())
-        t_out = t_out if isinstance(t_out, (list, tuple)) else [t_out]
+        output = as_list(self.network(data))
+        t_out = as_list(self.extra_modules["teacher_decoder"](self.encoder_tap.pop()))
         is_mask, weak = self.sample_groups(batch, data.device)
         terms = self.compute_loss(output, seg, allowed, batch)
         # teacher: mask samples only, by setting the other samples' targets to the ignore label (not by
@@ -244,16 +240,11 @@ class MixSupTrainer_DMD(_TeacherStudentBase):
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
         self.agreement_loss = SoftDiceAgreementLoss(self.dmd_temperature)
-        net2 = self.build_network_architecture(self.plans_manager, self.configuration_manager,
-                                               self.num_input_channels, self.label_manager.num_segmentation_heads,
-                                               self.enable_deep_supervision).to(self.device)
-        return {"net2": net2}
+        return {"net2": self.fresh_network()}
 
     def forward_and_loss(self, data, seg, allowed, batch):
-        out1 = self.network(data)
-        out2 = self.extra_modules["net2"](data)
-        out1 = out1 if isinstance(out1, (list, tuple)) else [out1]
-        out2 = out2 if isinstance(out2, (list, tuple)) else [out2]
+        out1 = as_list(self.network(data))
+        out2 = as_list(self.extra_modules["net2"](data))
         terms = self.compute_loss(out1, seg, allowed, batch)
         terms["net2"] = sum(self.compute_loss(out2, seg, allowed, batch).values())
         terms["agreement"] = self.distill_ramp() * self.dmd_weight * self.agreement_loss(out1[0], out2[0])
