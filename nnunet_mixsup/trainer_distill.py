@@ -19,6 +19,10 @@ rank 0); the EMA teacher is not trained and is updated from the synchronised stu
 it is identical on every rank without communication. Feature taps (forward hooks) read the
 encoder / last decoder stage of the plain module inside the wrappers; torch.compile is disabled
 for the hook-based variants because hooks on compiled submodules are not reliably called.
+nnU-Net's batch Dice all-gathers across ranks, so every loss term is computed on every rank even
+when its batch has no sample of that kind (targets masked, never sliced);
+``tests/test_ddp_cpu.py`` checks this with gloo on CPU (a rank without mask samples, DDP-wrapped
+network and extra module, identical gradients). The trainers themselves need CUDA under DDP.
 """
 from __future__ import annotations
 
