@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 import types
 
 import pytest
@@ -108,8 +109,6 @@ def test_supervised_loss_under_ddp_with_a_rank_without_mask_samples(tmp_path):
     ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
                              join=False, start_method="spawn")
     deadline = 180.0
-    import time
-
     t0 = time.monotonic()
     while not ctx.join(timeout=5):
         if time.monotonic() - t0 > deadline:
