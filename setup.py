@@ -4,13 +4,15 @@ The thin trainer modules in ``trainers/`` (the folder users put in ``nnUNet_extT
 installed as the sub-package ``nnunet_mixsup.ext_trainers`` so that ``nnunet-mixsup trainers-path``
 finds them for editable and regular installs alike.
 """
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="nnunet-mixsup",
     version="0.1.0",
     description="Mixed-supervision (mask / box / image-tag / unlabelled) training for nnU-Net v2",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["nnunet_mixsup", "nnunet_mixsup.ext_trainers", "dataset_conversion"],

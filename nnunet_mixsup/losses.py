@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "BoxPresenceLoss",
     "BoxProjectionLoss",
     "CertainNegativeLoss",
     "EntropyLoss",
@@ -441,6 +442,45 @@ class BoxProjectionLoss(nn.Module):
                 losses.append(1 - (2 * inter + self.smooth) / (union + self.smooth))
             per_pair = torch.stack(losses, dim=0).mean(dim=0)  # (B, K)
             return _masked_mean(per_pair, pair_ok.float())
+
+
+class BoxPresenceLoss(nn.Module):
+    """Multiple-instance term for box cross-sections: class c occurs somewhere inside its boxes.
+
+    For a 2D network trained on slices of 3D volumes, the 2D patch holds a *cross-section* of a 3D
+    box of class c. The tightness prior of :class:`BoxProjectionLoss` does not hold there (near the
+    ends of an object its cross-section is much smaller than the box's rectangle), but a slice that
+    cuts a tight 3D box still cuts the object, so at least one voxel inside the box rectangle is c.
+    Per (sample, class) pair this is the multiple-instance bag loss
+    ``-max_{x in box} log p_c(x)``, i.e. ``-log`` of the largest probability of c in the box
+    (computed as the max of ``log_softmax`` in float32: finite for logits of any size; the gradient
+    reaches the arg-max voxel only). Only valid for tight boxes (no margin or jitter that moves a
+    face beyond the object along the slice axis).
+
+    Forward:
+        logits: (B, C, *spatial) raw scores.
+        box_masks: (B, C-1, *spatial) in {0, 1}: union of the boxes of class k+1 in patch space.
+        valid: optional (B, C-1) bool, e.g. only boxes not cut by the patch border.
+
+    Returns:
+        float32 scalar: mean over the valid pairs whose box mask is non-empty (0 if none).
+    """
+
+    def forward(self, logits: Tensor, box_masks: Tensor, valid: Tensor | None = None) -> Tensor:
+        _check_logits(logits)
+        k = logits.shape[1] - 1
+        _check_same(logits, box_masks, "logits", "box_masks", channels=k)
+        with _fp32(logits):
+            logp = torch.log_softmax(logits.float(), dim=1)[:, 1:]
+            inside = box_masks > 0
+            pair_ok = inside.flatten(2).any(dim=2)  # (B, K)
+            if valid is not None:
+                if tuple(valid.shape) != (logits.shape[0], k):
+                    raise ValueError(f"valid must be (B, K)={(logits.shape[0], k)}, got {tuple(valid.shape)}")
+                pair_ok = pair_ok & valid.to(device=logits.device).bool()
+            best = logp.masked_fill(~inside, float("-inf")).flatten(2).amax(dim=2)  # (B, K)
+            best = torch.where(pair_ok, best, torch.zeros_like(best))
+            return _masked_mean(-best, pair_ok.float())
 
 
 # ------------------------------------------------------------------------ unlabelled / consistency

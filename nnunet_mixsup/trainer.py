@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_mixsup.data import MixSupDataLoader
 from nnunet_mixsup.losses import (
+    BoxPresenceLoss,
     BoxProjectionLoss,
     CertainNegativeLoss,
     EntropyLoss,
@@ -594,6 +595,11 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
 
     Attributes:
         box_weight, entropy_weight: term weights; entropy_rampup_epochs: linear ramp length.
+        box_term: ``"tightness"`` (:class:`BoxProjectionLoss`), ``"presence"``
+            (:class:`BoxPresenceLoss`) or ``"auto"`` (default): presence when a 2D configuration
+            trains on slices of 3D volumes - there a patch holds a cross-section of each 3D box, for
+            which the tightness prior is false (the object's cross-section is smaller than the box
+            rectangle near its ends) but "the object occurs in the rectangle" holds - else tightness.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -603,13 +609,38 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
         self.box_weight = 0.5
         self.entropy_weight = 0.1
         self.entropy_rampup_epochs = 50
+        self.box_term = "auto"
         self.loss_term_names = ("supervised", "mlds", "negatives", "box", "entropy")
 
     def _build_loss(self):
         loss = super()._build_loss()
-        self.box_loss = BoxProjectionLoss()
+        self.box_tightness_loss, self.box_presence_loss = BoxProjectionLoss(), BoxPresenceLoss()
+        self._box_term_resolved: str | None = None
         self.entropy_loss = EntropyLoss()
         return loss
+
+    def resolved_box_term(self) -> str:
+        """``box_term`` with ``"auto"`` resolved: presence for 2D patches cut from 3D volumes (cached)."""
+        if self._box_term_resolved is None:
+            self._box_term_resolved = self._resolve_box_term()
+            self.print_to_log_file(f"box term: {self._box_term_resolved} (box_term={self.box_term!r})")
+        return self._box_term_resolved
+
+    def _resolve_box_term(self) -> str:
+        if self.box_term not in ("auto", "tightness", "presence"):
+            raise ValueError(f"box_term must be 'auto', 'tightness' or 'presence', got {self.box_term!r}")
+        if self.box_term != "auto":
+            return self.box_term
+        if len(self.configuration_manager.patch_size) == 3:
+            return "tightness"
+        return "presence" if self.training_data_is_volumetric() else "tightness"
+
+    def training_data_is_volumetric(self) -> bool:
+        """True when the preprocessed cases have more than one slice (2D configs then train on slices)."""
+        dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
+        keys = sorted(self.load_supervision())
+        data = dataset_class(self.preprocessed_dataset_folder, keys[:1]).load_case(keys[0])[0]
+        return data.shape[1] > 1
 
     def rampup(self) -> float:
         return min(1.0, (self.current_epoch + 1) / max(1, self.entropy_rampup_epochs))
@@ -619,7 +650,8 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
         sup_type = batch["sup_type"].to(output[0].device)
         is_box = sup_type == TYPE_CODES["box"]
         valid = boxes_inside_patch(allowed[0]) & is_box[:, None]
-        terms["box"] = self.box_weight * self.box_loss(output[0], allowed[0], valid)
+        box_loss = self.box_presence_loss if self.resolved_box_term() == "presence" else self.box_tightness_loss
+        terms["box"] = self.box_weight * box_loss(output[0], allowed[0], valid)
         unlabelled = sup_type == TYPE_CODES["none"]
         terms["entropy"] = self.entropy_weight * self.rampup() * self.entropy_loss(output[0], sample_mask=unlabelled)
         return terms
@@ -632,6 +664,19 @@ class MixSupTrainer(MixSupTrainer_WeakOnly):
     mask samples, known-voxel CE on the weak ones, MLDS, certain negatives, box tightness, ramped
     entropy); chosen by the benchmark in docs/BENCHMARKS.md. Change the default only with numbers.
     """
+
+
+class MixSupTrainer_Strong75(MixSupTrainer):
+    """``MixSupTrainer`` with three quarters of every batch from mask cases (``strong_fraction`` 0.75).
+
+    Ablation of the batch composition: the mask samples carry the signal the mask-only baseline
+    learns from, and at ``strong_fraction`` 0.5 they are seen half as often per iteration.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.strong_fraction = 0.75
 
 
 class MixSupTrainer_Smoke(MixSupTrainer):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nnunet_mixsup.losses import (
+    BoxPresenceLoss,
     BoxProjectionLoss,
     CertainNegativeLoss,
     EntropyLoss,
@@ -367,6 +368,41 @@ def test_box_projection_validity_and_mixed_batch():
     assert l0.item() == 0 and g0.abs().max() == 0
 
 
+# ===================================================================== BoxPresenceLoss
+def test_box_presence_hand_values_gradient_and_masking_2d():
+    # C = 3; class 1 (channel 0 of the box mask) has a box over the first two voxels of a 1x3 row
+    # voxel 0: logits (0, 0, 0)      -> p_1 = 1/3
+    # voxel 1: logits (0, ln 3, 0)   -> p_1 = 3/5   (the best voxel in the box)
+    # voxel 2: logits (0, 10, 0)     -> outside the box: must not count although p_1 ~ 1
+    # loss = -log(3/5) = 0.510826; class 2 has no box -> not a pair
+    z = torch.stack([_t(0, 0, 0), _t(0, math.log(3), 10), _t(0, 0, 0)]).view(1, 3, 1, 3)
+    box = torch.zeros(1, 2, 1, 3)
+    box[0, 0, 0, :2] = 1
+    loss, g = _grad(lambda x: BoxPresenceLoss()(x, box), z)
+    assert loss.item() == pytest.approx(-math.log(3 / 5), rel=1e-6)
+    # gradient only at the arg-max voxel in the box, raising class 1 there (descent: g < 0)
+    assert g[0, 1, 0, 1] < 0 and g[0, :, 0, 0].abs().max() == 0 and g[0, :, 0, 2].abs().max() == 0
+    # an object present in the box -> ~0; a box pair excluded by ``valid`` -> exactly 0, no gradient
+    z_ok = z.clone()
+    z_ok[0, 1, 0, 0] = 30
+    assert BoxPresenceLoss()(z_ok, box).item() < 1e-6
+    l0, g0 = _grad(lambda x: BoxPresenceLoss()(x, box, valid=torch.zeros(1, 2, dtype=torch.bool)), z)
+    assert l0.item() == 0 and g0.abs().max() == 0
+
+
+def test_box_presence_3d_mixed_batch_mean_over_pairs():
+    # sample 0: class 1 box with best p_1 = 1/2 (logits (0, 0)); sample 1: no box -> ignored.
+    z = torch.zeros(2, 2, 2, 2, 2)
+    z[1] = 1e4 * torch.randn(2, 2, 2, 2)
+    box = torch.zeros(2, 1, 2, 2, 2)
+    box[0, 0, 0] = 1
+    loss, g = _grad(lambda x: BoxPresenceLoss()(x, box), z)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert g[1].abs().max() == 0
+    with pytest.raises(ValueError, match="box_masks"):
+        BoxPresenceLoss()(z, box[:, :, :1])
+
+
 # ======================================================================= EntropyLoss
 def test_entropy_hand_values():
     # p = (0.25, 0.75): H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335; / ln 2 = 0.811278
@@ -550,6 +586,7 @@ def _all_losses(spatial: tuple[int, ...]):
         "ml_ds": (lambda z: MultiLabelDeepSupervisionLoss(use_soft_dice=True)([z], [(pos, known)]),
                   lambda z: MultiLabelDeepSupervisionLoss(use_soft_dice=True)([z], [(pos, 0 * known)])),
         "box": (lambda z: BoxProjectionLoss()(z, box), lambda z: BoxProjectionLoss()(z, 0 * box)),
+        "box_presence": (lambda z: BoxPresenceLoss()(z, box), lambda z: BoxPresenceLoss()(z, 0 * box)),
         "entropy": (lambda z: EntropyLoss()(z), lambda z: EntropyLoss()(z, voxel_mask=torch.zeros(b, 1, *spatial))),
         "kl": (lambda z: KLDistillationLoss(2.0)(z, other), lambda z: KLDistillationLoss()(z, other, sample_mask=torch.zeros(b))),
         "dice_agree": (lambda z: SoftDiceAgreementLoss()(z, other),
@@ -558,7 +595,7 @@ def _all_losses(spatial: tuple[int, ...]):
 
 
 @pytest.mark.parametrize("spatial", [(4, 5), (3, 4, 2)])
-@pytest.mark.parametrize("name", ["negative", "ml_ds", "box", "entropy", "kl", "dice_agree"])
+@pytest.mark.parametrize("name", ["negative", "ml_ds", "box", "box_presence", "entropy", "kl", "dice_agree"])
 def test_extreme_logits_and_empty_masks(name, spatial):
     fn, empty_fn = _all_losses(spatial)[name]
     g = torch.Generator().manual_seed(14)
@@ -571,7 +608,7 @@ def test_extreme_logits_and_empty_masks(name, spatial):
     assert loss.item() == 0 and grad.abs().max() == 0
 
 
-@pytest.mark.parametrize("name", ["negative", "ml_ds", "box", "entropy", "kl", "dice_agree"])
+@pytest.mark.parametrize("name", ["negative", "ml_ds", "box", "box_presence", "entropy", "kl", "dice_agree"])
 def test_autocast_bf16_matches_fp32(name):
     spatial = (4, 4, 4)
     fn, _ = _all_losses(spatial)[name]

@@ -121,3 +121,30 @@ def test_supervised_loss_is_nnunet_loss_per_group(planned_2d):
     assert torch.allclose(got, want, atol=1e-5)
     tr.separate_group_losses = False
     assert torch.allclose(tr.supervised_loss(loss, out, seg, batch), loss(out, seg))
+
+
+def test_box_term_auto_uses_presence_for_slices_of_volumes(planned_3d, planned_2d, monkeypatch):
+    tr3 = _trainer("MixSupTrainer", planned_3d, "3d_fullres")
+    assert tr3.training_data_is_volumetric() and tr3.resolved_box_term() == "tightness"  # 3D patches
+    tr2 = _trainer("MixSupTrainer", planned_2d, "2d")
+    assert not tr2.training_data_is_volumetric() and tr2.resolved_box_term() == "tightness"  # true 2D images
+    # a 2D configuration on volumetric data sees cross-sections of 3D boxes -> presence
+    tr2v = _trainer("MixSupTrainer", planned_2d, "2d")
+    monkeypatch.setattr(tr2v, "training_data_is_volumetric", lambda: True)
+    assert tr2v.resolved_box_term() == "presence"
+    tr2v.box_term = "tightness"
+    tr2v._box_term_resolved = None
+    assert tr2v.resolved_box_term() == "tightness"
+    tr2v.box_term, tr2v._box_term_resolved = "sideways", None
+    with pytest.raises(ValueError, match="box_term"):
+        tr2v.resolved_box_term()
+    # the presence term runs in a real train step
+    tr2v.box_term, tr2v._box_term_resolved = "presence", None
+    dl_tr, dl_val = tr2v.get_dataloaders()
+    try:
+        out = tr2v.train_step(next(dl_tr))
+    finally:
+        for d in (dl_tr, dl_val):
+            if hasattr(d, "_finish"):
+                d._finish()
+    assert np.isfinite(out["loss"]) and np.isfinite(out["loss_box"])

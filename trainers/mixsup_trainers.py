@@ -7,6 +7,7 @@ from nnunet_mixsup.trainer import (  # noqa: F401
     MixSupTrainer_MLDS_Uniform,
     MixSupTrainer_Negatives,
     MixSupTrainer_Smoke,
+    MixSupTrainer_Strong75,
     MixSupTrainer_WeakOnly,
     MixSupTrainer_WeakOnly_Demo,
     nnUNetTrainer_MixSupBudget,
