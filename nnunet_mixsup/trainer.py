@@ -13,9 +13,10 @@ samples exactly as stock, cross-entropy on the known voxels of the weak samples,
 per class. ``MixSupTrainer_Negatives`` is that scheme as a variant.
 
 ``MixSupTrainer`` (the default users run) = ``MixSupTrainer_WeakOnly``: that scheme plus MLDS
-(coarse outputs), box tightness and ramped entropy. It is the scheme that won the cpu-mini
-benchmark (docs/BENCHMARKS.md): the negatives-only scheme failed to learn the small class in 2 of
-3 runs; box tightness supplies the positives that the one-sided box negatives lack.
+(coarse outputs), a box term (tightness, or presence for 2D slices of 3D volumes) and ramped
+entropy. It is the best measured MixSup scheme on the cpu-mini benchmark (docs/BENCHMARKS.md), not
+a winner over the mask-only baseline: the negatives-only scheme failed to learn the small class in
+2 of 3 runs; the box term supplies the positives that the one-sided box negatives lack.
 
 Validation (online pseudo-Dice and final validation) only ever sees mask cases. The network is
 nnU-Net's own, so checkpoints load in stock ``nnUNetv2_predict`` and friends.
