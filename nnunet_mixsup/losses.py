@@ -379,6 +379,16 @@ class MultiLabelDeepSupervisionLoss(nn.Module):
 
 
 # ------------------------------------------------------------------------------ box projection
+def _box_pairs(inside: Tensor, valid: Tensor | None) -> Tensor:
+    """(B, K) bool: (sample, class) pairs whose box mask ``inside`` (B, K, *s) is non-empty, and ``valid``."""
+    pair_ok = inside.flatten(2).any(dim=2)
+    if valid is not None:
+        if tuple(valid.shape) != tuple(pair_ok.shape):
+            raise ValueError(f"valid must be (B, K)={tuple(pair_ok.shape)}, got {tuple(valid.shape)}")
+        pair_ok = pair_ok & valid.to(device=inside.device).bool()
+    return pair_ok
+
+
 class BoxProjectionLoss(nn.Module):
     """Box tightness prior via max-projections (BoxInst, Tian et al. CVPR 2021), for 2D and 3D.
 
@@ -427,11 +437,7 @@ class BoxProjectionLoss(nn.Module):
         with _fp32(logits):
             p = torch.softmax(logits.float(), dim=1)[:, 1:]
             m = box_masks.float()
-            pair_ok = m.flatten(2).amax(dim=2) > 0  # (B, K)
-            if valid is not None:
-                if tuple(valid.shape) != (logits.shape[0], k):
-                    raise ValueError(f"valid must be (B, K)={(logits.shape[0], k)}, got {tuple(valid.shape)}")
-                pair_ok = pair_ok & valid.to(device=logits.device).bool()
+            pair_ok = _box_pairs(m > 0, valid)
             losses = []
             for d in spatial:
                 red = [a for a in spatial if a != d] if self.projection == "profile" else [d]
@@ -473,11 +479,7 @@ class BoxPresenceLoss(nn.Module):
         with _fp32(logits):
             logp = torch.log_softmax(logits.float(), dim=1)[:, 1:]
             inside = box_masks > 0
-            pair_ok = inside.flatten(2).any(dim=2)  # (B, K)
-            if valid is not None:
-                if tuple(valid.shape) != (logits.shape[0], k):
-                    raise ValueError(f"valid must be (B, K)={(logits.shape[0], k)}, got {tuple(valid.shape)}")
-                pair_ok = pair_ok & valid.to(device=logits.device).bool()
+            pair_ok = _box_pairs(inside, valid)
             best = logp.masked_fill(~inside, float("-inf")).flatten(2).amax(dim=2)  # (B, K)
             best = torch.where(pair_ok, best, torch.zeros_like(best))
             return _masked_mean(-best, pair_ok.float())

@@ -638,9 +638,8 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
 
     def training_data_is_volumetric(self) -> bool:
         """True when the preprocessed cases have more than one slice (2D configs then train on slices)."""
-        dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
-        keys = sorted(self.load_supervision())
-        data = dataset_class(self.preprocessed_dataset_folder, keys[:1]).load_case(keys[0])[0]
+        keys = sorted(self.load_supervision())  # also sets self.dataset_class
+        data = self.dataset_class(self.preprocessed_dataset_folder, keys[:1]).load_case(keys[0])[0]
         return data.shape[1] > 1
 
     def rampup(self) -> float:
