@@ -679,6 +679,20 @@ class MixSupTrainer_Strong75(MixSupTrainer):
         self.strong_fraction = 0.75
 
 
+class MixSupTrainer_NoEntropy(MixSupTrainer):
+    """``MixSupTrainer`` without the entropy (confidence) term on unlabelled samples (ablation).
+
+    Entropy minimisation sharpens every uncertain voxel towards the currently favoured class; on
+    thin structures (grey matter at 4 mm is one or two voxels wide) most voxels are boundary
+    voxels, so this ablation measures whether the term costs boundary accuracy.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.entropy_weight = 0.0
+
+
 class MixSupTrainer_Smoke(MixSupTrainer):
     """A few iterations only: for smoke tests and CI (2 epochs x 4 iterations, 2 validation steps)."""
 

@@ -167,6 +167,65 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         ema_update(self.extra_modules["teacher"], unwrap(self.network), self.ema_decay)
 
 
+class MixSupTrainer_SelfTrain(MixSupTrainer_MeanTeacher):
+    """Delayed self-training: weak-label-constrained EMA-teacher pseudo labels on the exported head.
+
+    The mean teacher with three changes that follow from the cpu-mini measurements
+    (docs/BENCHMARKS.md):
+
+    - **Delayed start.** For the first ``pseudo_start`` of the epochs the trainer is exactly
+      :class:`~nnunet_mixsup.trainer.MixSupTrainer` (no teacher forward pass, no pseudo labels):
+      an early teacher is confident only about background, and its pseudo labels suppressed the
+      small class (the mean teacher missed the ventricles on seed 0). Afterwards the pseudo-label
+      term ramps up linearly over ``distill_rampup`` of the epochs.
+    - **Pseudo labels on the clean head** (``pseudo_on_clean_head``): nnU-Net's Dice + CE on the
+      weak samples of the kinds in ``pseudo_types``, against real labels where known and the
+      teacher's confident (``pseudo_threshold``), constrained labels elsewhere - so inside a box the
+      exported head gets negatives too, not only the box term's one positive voxel.
+    - **The box presence / tightness term fades out** as the pseudo-label term ramps in
+      (``fade_box_term``): its max-voxel positives found more of the small class but taught it
+      on look-alike tissue (ventricle false positives on CSF).
+
+    Attributes (beyond the mean teacher's): pseudo_start, pseudo_types, fade_box_term.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pseudo_on_clean_head = True
+        self.pseudo_start = 0.4
+        self.distill_rampup = 0.2
+        self.pseudo_threshold = 0.8
+        self.pseudo_types: tuple[str, ...] = ("box", "tags", "none")
+        self.fade_box_term = True
+
+    def distill_ramp(self) -> float:
+        """0 before ``pseudo_start`` of the epochs, then linear 0 -> 1 over ``distill_rampup`` of them."""
+        start = round(self.pseudo_start * self.num_epochs)
+        if self.current_epoch < start:
+            return 0.0
+        return linear_rampup(self.current_epoch - start, round(self.distill_rampup * self.num_epochs))
+
+    def forward_and_loss(self, data, seg, allowed, batch):
+        output = as_list(self.network(data))
+        terms = self.compute_loss(output, seg, allowed, batch)
+        ramp = self.distill_ramp()
+        if self.fade_box_term:
+            terms["box"] = (1.0 - ramp) * terms["box"]
+        if ramp == 0 or self.label_manager.ignore_label is None:
+            # the ramp depends on the epoch only, so every DDP rank takes the same branch
+            terms["pseudo"] = output[0].sum() * 0
+            return terms
+        codes = torch.tensor([TYPE_CODES[t] for t in self.pseudo_types], device=data.device)
+        selected = torch.isin(batch["sup_type"].to(data.device), codes)
+        pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], selected)
+        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0])
+        # computed even when the batch has no selected sample (all-ignore target: constant loss) so
+        # that every DDP rank runs the same collectives inside nnU-Net's Dice
+        terms["pseudo"] = ramp * self.pseudo_weight * self.fullres_loss(output[0], self.only(selected, pseudo))
+        return terms
+
+
 class MixSupTrainer_DualBranch(_TeacherStudentBase):
     """Dual-branch confidence-maximising distillation (Liu et al., MedIA 2023).
 

@@ -9,7 +9,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunet_mixsup.losses import pseudo_label_map
 from nnunet_mixsup.plans import shrink_configuration
 
-DISTILL = ["MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"]
+DISTILL = ["MixSupTrainer_MeanTeacher", "MixSupTrainer_SelfTrain", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"]
 
 
 def _trainer(cls_name, info, config, **attrs):
@@ -74,8 +74,8 @@ def test_checkpoint_resumes_exactly(cls_name, planned_2d, tmp_path):
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     oa, ob = tr.optimizer.state_dict(), tr2.optimizer.state_dict()
-    assert len(oa["param_groups"]) == len(ob["param_groups"]) == 2 - (cls_name == "MixSupTrainer_MeanTeacher" and
-                                                                     not tr.extra_modules.get("pseudo_head"))
+    trainable_extra = any(p.requires_grad for m in tr.extra_modules.values() for p in m.parameters())
+    assert len(oa["param_groups"]) == len(ob["param_groups"]) == 1 + trainable_extra
     for k in oa["state"]:
         assert torch.equal(oa["state"][k]["momentum_buffer"], ob["state"][k]["momentum_buffer"])
     # the same batch gives the same loss afterwards: nothing was lost
@@ -116,6 +116,44 @@ def test_mean_teacher_is_ema_of_student_and_gets_no_gradient(planned_2d):
     for k, v in teacher.named_parameters():
         assert v.grad is None and not v.requires_grad
         assert torch.allclose(v, 0.5 * t0[k] + 0.5 * s1[k].detach(), atol=1e-6)
+
+
+def test_self_train_waits_then_trains_the_clean_head_on_constrained_pseudo_labels(planned_2d, monkeypatch):
+    tr = _trainer("MixSupTrainer_SelfTrain", planned_2d, "2d")
+    assert "pseudo_head" not in tr.extra_modules and tr.pseudo_on_clean_head
+    tr.num_epochs = 10
+    b = _batches(tr, 1)[0]
+    calls = []
+    real = tr.teacher_pseudo_labels
+
+    def spy(data, seg0, allowed0, selected):
+        out = real(data, seg0, allowed0, selected)
+        calls.append((selected.clone(), allowed0.clone(), seg0.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(tr, "teacher_pseudo_labels", spy)
+    tr.current_epoch = 3  # before pseudo_start (0.4 * 10): plain MixSupTrainer, no teacher pass
+    assert tr.distill_ramp() == 0.0
+    out = tr.train_step(b)
+    assert out["loss_pseudo"] == 0.0 and not calls
+    tr.current_epoch = 4
+    assert tr.distill_ramp() == pytest.approx(0.5)  # linear over 0.2 * 10 epochs: (4 - 4 + 1) / 2
+    tr.current_epoch = 6
+    assert tr.distill_ramp() == 1.0
+    out = tr.train_step(b)
+    assert len(calls) == 1 and out["loss_pseudo"] != 0.0
+    assert out["loss_box"] == 0.0  # faded out at full ramp
+    selected, allowed0, seg0, pseudo = calls[0]
+    sup = b["sup_type"].to(selected.device)
+    from nnunet_mixsup.manifest import TYPE_CODES
+    assert torch.equal(selected, sup != TYPE_CODES["mask"])
+    ignore = tr.label_manager.ignore_label
+    known = seg0 != ignore
+    assert torch.equal(pseudo[known], seg0[known])  # real labels are never overwritten
+    for k in range(allowed0.shape[1]):  # a pseudo label never contradicts a box or a tag
+        assert not ((pseudo[:, 0] == k + 1) & (allowed0[:, k] == 0)).any()
+    mask_rows = ~selected
+    assert torch.equal(pseudo[mask_rows], seg0[mask_rows])
 
 
 def test_dual_branch_shares_the_encoder(planned_2d):

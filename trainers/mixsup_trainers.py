@@ -6,6 +6,7 @@ from nnunet_mixsup.trainer import (  # noqa: F401
     MixSupTrainer_MLDS_Demo,
     MixSupTrainer_MLDS_Uniform,
     MixSupTrainer_Negatives,
+    MixSupTrainer_NoEntropy,
     MixSupTrainer_Smoke,
     MixSupTrainer_Strong75,
     MixSupTrainer_WeakOnly,
@@ -17,4 +18,5 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_DMD,
     MixSupTrainer_DualBranch,
     MixSupTrainer_MeanTeacher,
+    MixSupTrainer_SelfTrain,
 )
