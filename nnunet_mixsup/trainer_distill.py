@@ -226,6 +226,20 @@ class MixSupTrainer_SelfTrain(MixSupTrainer_MeanTeacher):
         return terms
 
 
+class MixSupTrainer_SelfTrainBox(MixSupTrainer_SelfTrain):
+    """``MixSupTrainer_SelfTrain`` with pseudo labels on box samples only (ablation).
+
+    On tag and unlabelled samples nothing constrains the teacher (in the demo data every class is
+    present in every image), so its false positives come back as training targets; on box samples
+    the boxes remove them outside the box of each class.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pseudo_types = ("box",)
+
+
 class MixSupTrainer_DualBranch(_TeacherStudentBase):
     """Dual-branch confidence-maximising distillation (Liu et al., MedIA 2023).
 

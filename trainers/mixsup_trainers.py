@@ -19,4 +19,5 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_DualBranch,
     MixSupTrainer_MeanTeacher,
     MixSupTrainer_SelfTrain,
+    MixSupTrainer_SelfTrainBox,
 )
