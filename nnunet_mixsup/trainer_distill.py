@@ -109,6 +109,7 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
     Attributes:
         ema_decay, teacher_noise_std, pseudo_threshold, pseudo_weight,
         distill_rampup: fraction of the epochs over which the pseudo-label terms ramp up linearly,
+        pseudo_types: the supervision kinds whose samples get pseudo labels (default: every weak kind),
         pseudo_on_clean_head: train the exported head on pseudo labels too (no separate head).
     """
 
@@ -120,6 +121,7 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         self.pseudo_threshold = 0.7
         self.pseudo_weight = 1.0
         self.pseudo_on_clean_head = False
+        self.pseudo_types: tuple[str, ...] = ("box", "tags", "none")
         self.loss_term_names = ("supervised", "mlds", "negatives", "box", "entropy", "pseudo")
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
@@ -145,22 +147,32 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         probs = constrain_pseudo_labels(probs, allowed0.float())
         return pseudo_label_map(probs, seg0, self.label_manager.ignore_label, self.pseudo_threshold, weak)
 
+    def pseudo_samples(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """(B,) bool: the samples whose unknown voxels get pseudo labels (kinds in ``pseudo_types``)."""
+        codes = torch.tensor([TYPE_CODES[t] for t in self.pseudo_types], device=device)
+        return torch.isin(batch["sup_type"].to(device), codes)
+
+    def add_pseudo_terms(self, terms: dict, output: list[torch.Tensor], logits: torch.Tensor, data: torch.Tensor,
+                         seg: list[torch.Tensor], allowed: list[torch.Tensor], batch: dict) -> None:
+        """Teacher pseudo labels into the MLDS targets (``terms["mlds"]``) and ``terms["pseudo"]`` on ``logits``."""
+        selected = self.pseudo_samples(batch, data.device)
+        pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], selected)
+        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0])
+        # the pseudo-label term covers the selected samples only (mask samples are in "supervised"); it
+        # is computed even when the batch has none (all-ignore target, constant loss) so that every DDP
+        # rank runs the same collective operations inside nnU-Net's Dice
+        terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.fullres_loss(
+            logits, self.only(selected, pseudo))
+
     def forward_and_loss(self, data, seg, allowed, batch):
         output = as_list(self.network(data))
-        _, weak = self.sample_groups(batch, data.device)
         terms = self.compute_loss(output, seg, allowed, batch)
         logits = output[0] if self.pseudo_on_clean_head else \
             self.extra_modules["pseudo_head"](self.decoder_tap.pop())
         if self.label_manager.ignore_label is None:  # nothing is unknown anywhere: no pseudo labels needed
             terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.fullres_loss(logits, seg[0])
             return terms
-        pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], weak)
-        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0])
-        # the pseudo-label term covers the weak samples only (mask samples are in "supervised"); it is
-        # computed even when the batch has none (all-ignore target, constant loss) so that every DDP
-        # rank runs the same collective operations inside nnU-Net's Dice
-        terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.fullres_loss(
-            logits, self.only(weak, pseudo))
+        self.add_pseudo_terms(terms, output, logits, data, seg, allowed, batch)
         return terms
 
     def after_optimizer_step(self) -> None:
@@ -186,7 +198,7 @@ class MixSupTrainer_SelfTrain(MixSupTrainer_MeanTeacher):
       (``fade_box_term``): its max-voxel positives found more of the small class but taught it
       on look-alike tissue (ventricle false positives on CSF).
 
-    Attributes (beyond the mean teacher's): pseudo_start, pseudo_types, fade_box_term.
+    Attributes (beyond the mean teacher's): pseudo_start, fade_box_term.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -196,7 +208,6 @@ class MixSupTrainer_SelfTrain(MixSupTrainer_MeanTeacher):
         self.pseudo_start = 0.4
         self.distill_rampup = 0.2
         self.pseudo_threshold = 0.8
-        self.pseudo_types: tuple[str, ...] = ("box", "tags", "none")
         self.fade_box_term = True
 
     def distill_ramp(self) -> float:
@@ -216,13 +227,7 @@ class MixSupTrainer_SelfTrain(MixSupTrainer_MeanTeacher):
             # the ramp depends on the epoch only, so every DDP rank takes the same branch
             terms["pseudo"] = output[0].sum() * 0
             return terms
-        codes = torch.tensor([TYPE_CODES[t] for t in self.pseudo_types], device=data.device)
-        selected = torch.isin(batch["sup_type"].to(data.device), codes)
-        pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], selected)
-        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0])
-        # computed even when the batch has no selected sample (all-ignore target: constant loss) so
-        # that every DDP rank runs the same collectives inside nnU-Net's Dice
-        terms["pseudo"] = ramp * self.pseudo_weight * self.fullres_loss(output[0], self.only(selected, pseudo))
+        self.add_pseudo_terms(terms, output, output[0], data, seg, allowed, batch)
         return terms
 
 

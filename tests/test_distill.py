@@ -7,6 +7,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_mixsup.losses import pseudo_label_map
+from nnunet_mixsup.manifest import TYPE_CODES
 from nnunet_mixsup.plans import shrink_configuration
 
 DISTILL = ["MixSupTrainer_MeanTeacher", "MixSupTrainer_SelfTrain", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"]
@@ -145,7 +146,6 @@ def test_self_train_waits_then_trains_the_clean_head_on_constrained_pseudo_label
     assert out["loss_box"] == 0.0  # faded out at full ramp
     selected, allowed0, seg0, pseudo = calls[0]
     sup = b["sup_type"].to(selected.device)
-    from nnunet_mixsup.manifest import TYPE_CODES
     assert torch.equal(selected, sup != TYPE_CODES["mask"])
     ignore = tr.label_manager.ignore_label
     known = seg0 != ignore
