@@ -38,6 +38,10 @@ class MixSupDataLoader(nnUNetDataLoader):
         supervision: case id -> :class:`CaseSupervision` for (at least) every case of ``data``.
         transpose_forward: the plans' ``transpose_forward`` (needed to map boxes).
         strong_fraction: share of each batch drawn from mask cases (rounded, ignored if one group is empty).
+        mask_only_batches: the first this many training batches (counted over all loader workers)
+            hold mask cases only - a warm-up in which training is stock nnU-Net on the mask cases.
+        n_workers: how many background workers share the batch count (each runs its own copy of the
+            loader and produces every ``n_workers``-th batch); 1 for a single-threaded loader.
         box_centered_fraction: for box samples that nnU-Net's oversampling marks as "force foreground",
             the patch is centred on a random voxel of a random box (this is the box analogue of
             nnU-Net's class-location sampling); other weak samples are cropped uniformly at random.
@@ -45,7 +49,7 @@ class MixSupDataLoader(nnUNetDataLoader):
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
                  supervision: dict[str, CaseSupervision], transpose_forward: Sequence[int],
-                 strong_fraction: float = 0.5, **kwargs):
+                 strong_fraction: float = 0.5, mask_only_batches: int = 0, n_workers: int = 1, **kwargs):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         missing = [k for k in self.indices if k not in supervision]
         if missing:
@@ -54,6 +58,9 @@ class MixSupDataLoader(nnUNetDataLoader):
         self.transpose_forward = list(transpose_forward)
         self.foreground_labels = list(label_manager.foreground_labels)
         self.strong_fraction = float(strong_fraction)
+        self.mask_only_batches = int(mask_only_batches)
+        self.n_workers = max(1, int(n_workers))
+        self.batches_drawn = 0
         self.mask_ids = [k for k in self.indices if supervision[k].type == "mask"]
         self.weak_ids = [k for k in self.indices if supervision[k].type != "mask"]
 
@@ -67,8 +74,24 @@ class MixSupDataLoader(nnUNetDataLoader):
         x = self.batch_size * self.strong_fraction
         return int(np.floor(x)) + int(np.random.uniform() < x - np.floor(x))
 
+    def in_mask_only_warmup(self) -> bool:
+        """True while the batches this worker draws fall into the first ``mask_only_batches`` overall.
+
+        Each worker counts its own batches; times ``n_workers`` that is the global count up to the
+        batches still queued in the augmenter (a handful out of thousands), so the switch to mixed
+        batches happens at most that many batches early.
+        """
+        return bool(self.mask_ids) and self.batches_drawn * self.n_workers < self.mask_only_batches
+
     def get_indices(self) -> list[str]:
-        """Draw :meth:`n_strong` mask cases and the rest weak cases, in random order."""
+        """Draw :meth:`n_strong` mask cases and the rest weak cases, in random order.
+
+        During the mask-only warm-up (:meth:`in_mask_only_warmup`) every sample is a mask case.
+        """
+        warmup = self.in_mask_only_warmup()
+        self.batches_drawn += 1
+        if warmup:
+            return list(np.random.choice(self.mask_ids, self.batch_size, replace=True))
         if not self.mask_ids or not self.weak_ids:
             return list(np.random.choice(self.indices, self.batch_size, replace=True))
         n_strong = self.n_strong()

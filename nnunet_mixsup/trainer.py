@@ -272,6 +272,8 @@ class MixSupTrainerBase(nnUNetTrainer):
                                  supervision=self.load_supervision(),
                                  transpose_forward=self.plans_manager.transpose_forward,
                                  strong_fraction=self.strong_fraction,
+                                 mask_only_batches=self.mask_only_batches_left(),
+                                 n_workers=max(1, get_allowed_n_proc_DA()),
                                  oversample_foreground_percent=self.oversample_foreground_percent,
                                  sampling_probabilities=None, pad_sides=None, transforms=tr_transforms,
                                  probabilistic_oversampling=self.probabilistic_oversampling)
@@ -290,6 +292,14 @@ class MixSupTrainerBase(nnUNetTrainer):
         _ = next(mt_train)
         _ = next(mt_val)
         return mt_train, mt_val
+
+    def mask_only_batches_left(self) -> int:
+        """Training batches still to come in a mask-only warm-up (none here; see ``MixSupTrainer_MaskFirst``).
+
+        Counted from ``current_epoch`` when the loaders are built, so a run resumed with ``--c``
+        continues the schedule instead of starting the warm-up again.
+        """
+        return 0
 
     # -------------------------------------------------------------------------------- losses
     def _build_loss(self):

@@ -245,6 +245,36 @@ class MixSupTrainer_SelfTrainBox(MixSupTrainer_SelfTrain):
         self.pseudo_types = ("box",)
 
 
+class MixSupTrainer_MaskFirst(MixSupTrainer_SelfTrain):
+    """Stock nnU-Net on the mask cases first, then self-training on the weak cases (no box term).
+
+    ``MixSupTrainer_SelfTrain`` with two changes that follow from its measured failure modes
+    (docs/BENCHMARKS.md, sessions 11-12: weak positives teach the small class on look-alike
+    tissue and grow the inner classes into their neighbours):
+
+    - **Mask-only warm-up.** Until ``pseudo_start`` of the epochs every batch holds mask cases only
+      (:meth:`mask_only_batches_left`), so this phase *is* ``nnUNetTrainer`` on the mask cases and
+      the EMA teacher that labels the weak cases afterwards is the mask-only model.
+    - **No box presence / tightness term** (``box_weight = 0``): boxes act only through what is
+      certain - negatives outside the box of each class, in the loss and in the pseudo labels
+      (class c is zeroed outside its boxes and for classes absent from the tags before the
+      confidence threshold).
+
+    Afterwards batches are mixed (``strong_fraction``) and the constrained pseudo-label term ramps
+    in over ``distill_rampup`` of the epochs.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.box_weight = 0.0
+
+    def mask_only_batches_left(self) -> int:
+        """Batches until ``pseudo_start`` of the epochs (0 once past it, e.g. after ``--c``)."""
+        start = round(self.pseudo_start * self.num_epochs)
+        return max(0, start - self.current_epoch) * self.num_iterations_per_epoch
+
+
 class MixSupTrainer_DualBranch(_TeacherStudentBase):
     """Dual-branch confidence-maximising distillation (Liu et al., MedIA 2023).
 

@@ -17,6 +17,7 @@ from nnunet_mixsup.trainer import (  # noqa: F401
 from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_DMD,
     MixSupTrainer_DualBranch,
+    MixSupTrainer_MaskFirst,
     MixSupTrainer_MeanTeacher,
     MixSupTrainer_SelfTrain,
     MixSupTrainer_SelfTrainBox,
