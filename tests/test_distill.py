@@ -156,6 +156,34 @@ def test_self_train_waits_then_trains_the_clean_head_on_constrained_pseudo_label
     assert torch.equal(pseudo[mask_rows], seg0[mask_rows])
 
 
+def test_mask_first_warms_up_on_mask_batches_then_self_trains_without_box_term(planned_2d):
+    tr = _trainer("MixSupTrainer_MaskFirst", planned_2d, "2d")
+    tr.num_epochs, tr.num_iterations_per_epoch = 10, 3
+    assert tr.box_weight == 0.0 and tr.pseudo_on_clean_head
+    tr.current_epoch = 0
+    assert tr.mask_only_batches_left() == 12  # round(0.4 * 10) = 4 epochs x 3 iterations
+    tr.current_epoch = 3  # resumed with --c at epoch 3: one warm-up epoch left, not four
+    assert tr.mask_only_batches_left() == 3
+    tr.current_epoch = 7
+    assert tr.mask_only_batches_left() == 0
+    tr.current_epoch = 0
+    dl_tr, dl_val = tr.get_dataloaders()
+    try:
+        first = [next(dl_tr) for _ in range(2)]
+    finally:
+        for d in (dl_tr, dl_val):
+            if hasattr(d, "_finish"):
+                d._finish()
+    for b in first:  # warm-up: stock nnU-Net on the mask cases
+        assert (b["sup_type"] == TYPE_CODES["mask"]).all()
+    assert tr.train_step(first[0])["loss_pseudo"] == 0.0
+    tr.current_epoch = 7
+    mixed = _batches(tr, 1)[0]  # loaders built after the warm-up: mixed batches
+    assert (mixed["sup_type"] != TYPE_CODES["mask"]).any()
+    out = tr.train_step(mixed)
+    assert out["loss_box"] == 0.0 and out["loss_pseudo"] != 0.0
+
+
 def test_dual_branch_shares_the_encoder(planned_2d):
     tr = _trainer("MixSupTrainer_DualBranch", planned_2d, "2d")
     dec = tr.extra_modules["teacher_decoder"]

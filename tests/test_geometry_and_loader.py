@@ -177,3 +177,16 @@ def test_oversampling_applies_within_each_group(planned_3d):
     weak = [f for k, f in zip(keys, force) if dl.supervision[k].type != "mask"]
     # nnU-Net with 3 samples and 0.33 forces round(3 * 0.67) = 2 random, 1 foreground – in each group
     assert sum(mask) == 1 and sum(weak) == 1
+
+
+def test_mask_only_warmup_counts_batches_over_all_workers(planned_2d):
+    """The first ``mask_only_batches`` batches (all workers together) hold mask cases only, then mixed."""
+    sup = _supervision(planned_2d)
+    dl, _, _ = _loader(planned_2d, "2d", sup, batch_size=4, strong_fraction=0.5)
+    dl.mask_only_batches, dl.n_workers = 6, 2  # this worker makes every 2nd batch: its first 3 are warm-up
+    kinds = [[sup[k].type for k in dl.get_indices()] for _ in range(6)]
+    assert all(t == "mask" for batch in kinds[:3] for t in batch)
+    assert all(sum(t == "mask" for t in batch) == 2 for batch in kinds[3:])
+    assert dl.batches_drawn == 6
+    dl.mask_only_batches, dl.mask_ids = 100, []  # no mask case at all: no warm-up, never an empty draw
+    assert not dl.in_mask_only_warmup() and len(dl.get_indices()) == 4
