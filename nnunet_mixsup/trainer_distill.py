@@ -27,7 +27,9 @@ network and extra module, identical gradients). The trainers themselves need CUD
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -246,33 +248,80 @@ class MixSupTrainer_SelfTrainBox(MixSupTrainer_SelfTrain):
 
 
 class MixSupTrainer_MaskFirst(MixSupTrainer_SelfTrain):
-    """Stock nnU-Net on the mask cases first, then self-training on the weak cases (no box term).
+    """Stock nnU-Net on the mask cases until it segments every class, then self-training on the weak cases.
 
-    ``MixSupTrainer_SelfTrain`` with two changes that follow from its measured failure modes
-    (docs/BENCHMARKS.md, sessions 11-12: weak positives teach the small class on look-alike
-    tissue and grow the inner classes into their neighbours):
+    ``MixSupTrainer_SelfTrain`` with changes that follow from its measured failure modes
+    (docs/BENCHMARKS.md, sessions 11-13: weak positives teach the small class on look-alike
+    tissue and grow the inner classes into their neighbours; a teacher that has not yet found a
+    class turns it into confident background pseudo labels and it is never learned):
 
-    - **Mask-only warm-up.** Until ``pseudo_start`` of the epochs every batch holds mask cases only
-      (:meth:`mask_only_batches_left`), so this phase *is* ``nnUNetTrainer`` on the mask cases and
-      the EMA teacher that labels the weak cases afterwards is the mask-only model.
+    - **Mask-only warm-up.** Every batch holds mask cases only (:meth:`mask_only_batches_left`)
+      until self-training starts, so this phase *is* ``nnUNetTrainer`` on the mask cases and the
+      EMA teacher that labels the weak cases afterwards is the mask-only model.
+    - **Start when the teacher is ready** (:meth:`self_training_start`): at the first epoch
+      after ``pseudo_start`` of the epochs at which nnU-Net's own validation pseudo Dice of the
+      previous epoch reached ``start_min_dice`` for every class. Small classes are learned
+      abruptly (every run first predicts none of them), at an epoch that varies from run to run,
+      so a fixed start epoch sometimes came too early. If a class is never found, self-training
+      never starts and the run stays stock nnU-Net on the mask cases.
     - **No box presence / tightness term** (``box_weight = 0``): boxes act only through what is
       certain - negatives outside the box of each class, in the loss and in the pseudo labels
       (class c is zeroed outside its boxes and for classes absent from the tags before the
       confidence threshold).
 
-    Afterwards batches are mixed (``strong_fraction``) and the constrained pseudo-label term ramps
-    in over ``distill_rampup`` of the epochs.
+    Afterwards batches are mixed (``strong_fraction``; the loaders are rebuilt once, at the start
+    epoch) and the constrained pseudo-label term ramps in over ``distill_rampup`` of the epochs.
+    The start epoch is derived from the logged validation Dice, which nnU-Net saves in every
+    checkpoint, so ``--c`` resumes the same schedule; under DDP every rank logs the same
+    (all-gathered) Dice and so takes the same decision.
+
+    Attributes (beyond ``SelfTrain``'s): start_min_dice.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.box_weight = 0.0
+        self.start_min_dice = 0.5
+        self._loaders_in_warmup = False
+
+    def teacher_ready(self, dice_per_class: Sequence[float]) -> bool:
+        """Every class's validation pseudo Dice >= ``start_min_dice`` (NaN - class absent from validation - counts as ready)."""
+        return all(np.isnan(d) or d >= self.start_min_dice for d in dice_per_class)
+
+    def self_training_start(self) -> int | None:
+        """The epoch at which self-training starts, or None if it has not started by ``current_epoch``."""
+        history = self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region", [])
+        for epoch in range(max(1, round(self.pseudo_start * self.num_epochs)), self.current_epoch + 1):
+            if epoch - 1 < len(history) and self.teacher_ready(history[epoch - 1]):
+                return epoch
+        return None
+
+    def distill_ramp(self) -> float:
+        """0 before :meth:`self_training_start`, then linear 0 -> 1 over ``distill_rampup`` of the epochs."""
+        start = self.self_training_start()
+        if start is None:
+            return 0.0
+        return linear_rampup(self.current_epoch - start, round(self.distill_rampup * self.num_epochs))
 
     def mask_only_batches_left(self) -> int:
-        """Batches until ``pseudo_start`` of the epochs (0 once past it, e.g. after ``--c``)."""
-        start = round(self.pseudo_start * self.num_epochs)
-        return max(0, start - self.current_epoch) * self.num_iterations_per_epoch
+        """Unbounded until self-training has started, 0 afterwards (also after ``--c``)."""
+        return 0 if self.self_training_start() is not None else 2 ** 62
+
+    def get_dataloaders(self):
+        loaders = super().get_dataloaders()
+        self._loaders_in_warmup = self.mask_only_batches_left() > 0
+        return loaders
+
+    def on_epoch_start(self):
+        if self._loaders_in_warmup and self.self_training_start() is not None:
+            self.print_to_log_file(f"epoch {self.current_epoch}: every class reached validation pseudo Dice "
+                                   f">= {self.start_min_dice}; self-training on the weak cases starts")
+            for loader in (self.dataloader_train, self.dataloader_val):
+                if hasattr(loader, "_finish"):
+                    loader._finish()
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        super().on_epoch_start()
 
 
 class MixSupTrainer_DualBranch(_TeacherStudentBase):

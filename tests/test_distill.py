@@ -156,32 +156,40 @@ def test_self_train_waits_then_trains_the_clean_head_on_constrained_pseudo_label
     assert torch.equal(pseudo[mask_rows], seg0[mask_rows])
 
 
-def test_mask_first_warms_up_on_mask_batches_then_self_trains_without_box_term(planned_2d):
+def test_mask_first_warms_up_on_masks_until_every_class_is_found_then_self_trains(planned_2d):
     tr = _trainer("MixSupTrainer_MaskFirst", planned_2d, "2d")
-    tr.num_epochs, tr.num_iterations_per_epoch = 10, 3
+    tr.num_epochs = 10
     assert tr.box_weight == 0.0 and tr.pseudo_on_clean_head
-    tr.current_epoch = 0
-    assert tr.mask_only_batches_left() == 12  # round(0.4 * 10) = 4 epochs x 3 iterations
-    tr.current_epoch = 3  # resumed with --c at epoch 3: one warm-up epoch left, not four
-    assert tr.mask_only_batches_left() == 3
-    tr.current_epoch = 7
-    assert tr.mask_only_batches_left() == 0
-    tr.current_epoch = 0
-    dl_tr, dl_val = tr.get_dataloaders()
+    log = tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"]
+    n = len(tr.label_manager.foreground_labels)
+    log[:] = [[0.9] * (n - 1) + [0.0]] * 5  # epochs 0-4: the last (small) class not found yet
+    tr.current_epoch = 5
+    assert tr.self_training_start() is None and tr.distill_ramp() == 0.0
+    assert tr.mask_only_batches_left() > 10 ** 9
+    tr.on_train_start()  # builds the loaders: warm-up batches, stock nnU-Net on the mask cases
     try:
-        first = [next(dl_tr) for _ in range(2)]
+        b = next(tr.dataloader_train)
+        assert (b["sup_type"] == TYPE_CODES["mask"]).all()
+        assert tr.train_step(b)["loss_pseudo"] == 0.0
+        log.append([0.9] * n)  # epoch 5: every class found -> start at epoch 6 (after pseudo_start 0.4)
+        tr.current_epoch = 6
+        assert tr.self_training_start() == 6 and tr.distill_ramp() == pytest.approx(0.5)
+        tr.on_epoch_start()  # rebuilds the loaders with mixed batches
+        mixed = [next(tr.dataloader_train) for _ in range(3)]
+        assert any((m["sup_type"] != TYPE_CODES["mask"]).any() for m in mixed)
+        out = tr.train_step(mixed[0])
+        assert out["loss_box"] == 0.0 and out["loss_pseudo"] != 0.0
     finally:
-        for d in (dl_tr, dl_val):
+        for d in (tr.dataloader_train, tr.dataloader_val):
             if hasattr(d, "_finish"):
                 d._finish()
-    for b in first:  # warm-up: stock nnU-Net on the mask cases
-        assert (b["sup_type"] == TYPE_CODES["mask"]).all()
-    assert tr.train_step(first[0])["loss_pseudo"] == 0.0
-    tr.current_epoch = 7
-    mixed = _batches(tr, 1)[0]  # loaders built after the warm-up: mixed batches
-    assert (mixed["sup_type"] != TYPE_CODES["mask"]).any()
-    out = tr.train_step(mixed)
-    assert out["loss_box"] == 0.0 and out["loss_pseudo"] != 0.0
+    log[:] = [[0.9] * n] * 3  # ready from epoch 0 on: still not before pseudo_start (epoch 4)
+    tr.current_epoch = 3
+    assert tr.self_training_start() is None
+    tr.current_epoch = 9  # as after --c: the start is recomputed from the restored log
+    assert tr.self_training_start() is None  # the log ends at epoch 2, so epochs 4.. were never ready
+    log[:] = [[0.9] * n] * 9
+    assert tr.self_training_start() == 4 and tr.mask_only_batches_left() == 0
 
 
 def test_dual_branch_shares_the_encoder(planned_2d):
