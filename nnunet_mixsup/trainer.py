@@ -522,6 +522,9 @@ class MixSupTrainer_MLDS(MixSupTrainerBase):
         mlds_weight: factor on the summed coarse-scale terms (scale weights as nnU-Net's).
         mlds_soft_dice: add a masked soft Dice to the BCE at coarse scales.
         mlds_scale_weighting: ``"nnunet"`` (1/2^i, default) or ``"uniform"``; see :meth:`mlds_scale_weights`.
+        mlds_on_mask_samples: MLDS on the mask samples too (default). If False, the mask samples get
+            nnU-Net's own deep supervision (Dice + CE at every scale against the downsampled labels)
+            and MLDS and the certain-negative term serve the weak samples only.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -531,6 +534,7 @@ class MixSupTrainer_MLDS(MixSupTrainerBase):
         self.mlds_weight = 1.0
         self.mlds_soft_dice = False
         self.mlds_scale_weighting = "nnunet"
+        self.mlds_on_mask_samples = True
         self.loss_term_names = ("supervised", "mlds", "negatives")
 
     def get_tr_and_val_datasets(self):
@@ -571,22 +575,49 @@ class MixSupTrainer_MLDS(MixSupTrainerBase):
             raise ValueError(f"mlds_scale_weighting must be 'nnunet' or 'uniform', got {self.mlds_scale_weighting!r}")
         return [float(w) for w in coarse]
 
-    def mlds_term(self, output: list[torch.Tensor], seg0: torch.Tensor, allowed0: torch.Tensor) -> torch.Tensor:
-        """Pooled multi-label targets from the full-resolution labels, BCE at every coarse output."""
+    def mlds_term(self, output: list[torch.Tensor], seg0: torch.Tensor, allowed0: torch.Tensor,
+                  batch: dict) -> torch.Tensor:
+        """Pooled multi-label targets from the full-resolution labels, BCE at every coarse output.
+
+        Without ``mlds_on_mask_samples`` the mask samples are left out (their coarse outputs get
+        nnU-Net's own deep supervision in :meth:`compute_loss`).
+        """
         weights = self.mlds_scale_weights(len(output)) if len(output) > 1 else []
         if sum(weights) == 0:
             return output[0].sum() * 0
+        if not self.mlds_on_mask_samples:
+            if self.label_manager.ignore_label is None:  # every case is a mask case: nothing left for MLDS
+                return output[0].sum() * 0
+            seg0, allowed0 = self.weak_samples_only(seg0, allowed0, batch)
         pos, known = labels_to_pos_known(seg0, allowed0, output[0].shape[1], self.label_manager.ignore_label)
         pools = self.cumulative_pooling()
         targets = [multilabel_pooled_targets(pos, known, pools[i]) for i in range(1, len(output))]
         self.mlds_loss.weights = weights
         return sum(weights) * self.mlds_loss(list(output[1:]), targets)
 
+    def weak_samples_only(self, seg0: torch.Tensor, allowed0: torch.Tensor,
+                          batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label map and allowed maps with the mask samples made all-unknown (ignore label, all allowed).
+
+        A mask sample's allowed maps are 0 outside nnU-Net's non-zero crop (background there by
+        nnU-Net's convention), which would otherwise give it certain negatives.
+        """
+        is_mask = batch["sup_type"].to(seg0.device) == TYPE_CODES["mask"]
+        keep = (~is_mask).view(-1, *([1] * (allowed0.ndim - 1)))
+        return self.only(~is_mask, seg0), torch.where(keep, allowed0, torch.ones_like(allowed0))
+
     def compute_loss(self, output, seg, allowed, batch):
-        weights = self.deep_supervision_weights(len(output))
-        terms = {"supervised": float(weights[0]) * self.supervised_loss(self.fullres_loss, output[0], seg[0], batch)}
-        terms["mlds"] = self.mlds_weight * self.mlds_term(output, seg[0], allowed[0])
-        terms["negatives"] = self.negative_weight * self.negative_loss(output[0], allowed[0])
+        if self.mlds_on_mask_samples or not self.enable_deep_supervision:
+            weights = self.deep_supervision_weights(len(output))
+            supervised = float(weights[0]) * self.supervised_loss(self.fullres_loss, output[0], seg[0], batch)
+        else:  # nnU-Net's deep supervision (all scales) on the mask samples, known-voxel CE on the weak ones
+            supervised = self.supervised_loss(self.loss, output, seg, batch)
+        terms = {"supervised": supervised}
+        terms["mlds"] = self.mlds_weight * self.mlds_term(output, seg[0], allowed[0], batch)
+        neg_allowed = allowed[0]
+        if not self.mlds_on_mask_samples and self.label_manager.ignore_label is not None:
+            neg_allowed = self.weak_samples_only(seg[0], allowed[0], batch)[1]  # mask samples: nnU-Net's loss only
+        terms["negatives"] = self.negative_weight * self.negative_loss(output[0], neg_allowed)
         return terms
 
 

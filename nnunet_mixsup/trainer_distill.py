@@ -159,7 +159,7 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         """Teacher pseudo labels into the MLDS targets (``terms["mlds"]``) and ``terms["pseudo"]`` on ``logits``."""
         selected = self.pseudo_samples(batch, data.device)
         pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], selected)
-        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0])
+        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0], batch)
         # the pseudo-label term covers the selected samples only (mask samples are in "supervised"); it
         # is computed even when the batch has none (all-ignore target, constant loss) so that every DDP
         # rank runs the same collective operations inside nnU-Net's Dice
@@ -256,8 +256,10 @@ class MixSupTrainer_MaskFirst(MixSupTrainer_SelfTrain):
     class turns it into confident background pseudo labels and it is never learned):
 
     - **Mask-only warm-up.** Every batch holds mask cases only (:meth:`mask_only_batches_left`)
-      until self-training starts, so this phase *is* ``nnUNetTrainer`` on the mask cases and the
-      EMA teacher that labels the weak cases afterwards is the mask-only model.
+      until self-training starts, so this phase is ``MixSupTrainer_MLDS`` on the mask cases (with
+      ``mlds_on_mask_samples = False``, as in ``MixSupTrainer_MaskFirst_StockDS``, exactly
+      ``nnUNetTrainer``) and the EMA teacher that labels the weak cases afterwards is the
+      mask-only model.
     - **Start when the teacher is ready** (:meth:`self_training_start`): at the first epoch
       after ``pseudo_start`` of the epochs at which nnU-Net's own validation pseudo Dice of the
       previous epoch reached ``start_min_dice`` for every class. Small classes are learned
@@ -322,6 +324,23 @@ class MixSupTrainer_MaskFirst(MixSupTrainer_SelfTrain):
                     loader._finish()
             self.dataloader_train, self.dataloader_val = self.get_dataloaders()
         super().on_epoch_start()
+
+
+class MixSupTrainer_MaskFirst_StockDS(MixSupTrainer_MaskFirst):
+    """``MixSupTrainer_MaskFirst`` with nnU-Net's own deep supervision on the mask samples (MLDS on weak ones only).
+
+    MLDS replaces the coarse outputs' Dice + CE by per-class BCE, whose gradient for a small class
+    is dominated by its negatives: in the mask-only warm-up the ventricles were found later than
+    by stock nnU-Net (not by epoch 39 on a seed where ``nnUNetTrainer`` found them at epoch 22).
+    With ``mlds_on_mask_samples = False`` the warm-up is exactly ``nnUNetTrainer`` on the mask
+    cases; pooled multi-label targets still carry the weak samples' certain negatives and pseudo
+    labels to the coarse outputs.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.mlds_on_mask_samples = False
 
 
 class MixSupTrainer_MaskFirst_Thr50(MixSupTrainer_MaskFirst):

@@ -192,6 +192,25 @@ def test_mask_first_warms_up_on_masks_until_every_class_is_found_then_self_train
     assert tr.self_training_start() == 4 and tr.mask_only_batches_left() == 0
 
 
+def test_mask_first_stock_ds_warm_up_loss_is_nnunets_own(planned_2d):
+    from nnunet_mixsup.trainer import as_list
+
+    tr = _trainer("MixSupTrainer_MaskFirst_StockDS", planned_2d, "2d")
+    b = _batches(tr, 1)[0]  # no validation Dice logged yet: warm-up, mask samples only
+    assert (b["sup_type"] == TYPE_CODES["mask"]).all()
+    seg = [t[:, :1] for t in b["target"]]
+    allowed = [t[:, 1:] for t in b["target"]]
+    with torch.no_grad():
+        output = as_list(tr.network(b["data"]))
+        terms = tr.compute_loss(output, seg, allowed, b)
+        assert len(output) > 1
+        assert {k: float(terms[k]) for k in ("mlds", "negatives", "box")} == {"mlds": 0.0, "negatives": 0.0, "box": 0.0}
+        assert torch.allclose(terms["supervised"], tr.loss(output, seg))  # nnU-Net's deep-supervised Dice + CE
+        tr.mlds_on_mask_samples = True  # MaskFirst: MLDS at the coarse outputs instead
+        terms = tr.compute_loss(output, seg, allowed, b)
+        assert float(terms["mlds"]) > 0.0 and not torch.allclose(terms["supervised"], tr.loss(output, seg))
+
+
 def test_dual_branch_shares_the_encoder(planned_2d):
     tr = _trainer("MixSupTrainer_DualBranch", planned_2d, "2d")
     dec = tr.extra_modules["teacher_decoder"]

@@ -18,6 +18,7 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_DMD,
     MixSupTrainer_DualBranch,
     MixSupTrainer_MaskFirst,
+    MixSupTrainer_MaskFirst_StockDS,
     MixSupTrainer_MaskFirst_Thr50,
     MixSupTrainer_MeanTeacher,
     MixSupTrainer_SelfTrain,
