@@ -12,11 +12,11 @@ logging, non-finite-step handling) and the simplest scheme: nnU-Net's Dice + CE 
 samples exactly as stock, cross-entropy on the known voxels of the weak samples, certain negatives
 per class. ``MixSupTrainer_Negatives`` is that scheme as a variant.
 
-``MixSupTrainer`` (the default users run) = ``MixSupTrainer_WeakOnly``: that scheme plus MLDS
-(coarse outputs), a box term (tightness, or presence for 2D slices of 3D volumes) and ramped
-entropy. It is the best measured MixSup scheme on the cpu-mini benchmark (docs/BENCHMARKS.md), not
-a winner over the mask-only baseline: the negatives-only scheme failed to learn the small class in
-2 of 3 runs; the box term supplies the positives that the one-sided box negatives lack.
+``MixSupTrainer_WeakOnly`` adds MLDS (coarse outputs), a box term (tightness, or presence for 2D
+slices of 3D volumes) and ramped entropy; it was the default until session 13. The default users
+run, ``MixSupTrainer``, is defined in :mod:`nnunet_mixsup.trainer_distill`: it builds on these
+terms with a mask-only warm-up and weak-label-constrained self-training, the one scheme measured
+above the mask-only baseline on the cpu-mini benchmark (docs/BENCHMARKS.md).
 
 Validation (online pseudo-Dice and final validation) only ever sees mask cases. The network is
 nnU-Net's own, so checkpoints load in stock ``nnUNetv2_predict`` and friends.
@@ -698,17 +698,8 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
         return terms
 
 
-class MixSupTrainer(MixSupTrainer_WeakOnly):
-    """The default mixed-supervision trainer (``nnUNetv2_train ... -tr MixSupTrainer``).
-
-    Identical to :class:`MixSupTrainer_WeakOnly` (mixed-supervision loader, nnU-Net's loss on the
-    mask samples, known-voxel CE on the weak ones, MLDS, certain negatives, box tightness, ramped
-    entropy); chosen by the benchmark in docs/BENCHMARKS.md. Change the default only with numbers.
-    """
-
-
-class MixSupTrainer_Strong75(MixSupTrainer):
-    """``MixSupTrainer`` with three quarters of every batch from mask cases (``strong_fraction`` 0.75).
+class MixSupTrainer_Strong75(MixSupTrainer_WeakOnly):
+    """``MixSupTrainer_WeakOnly`` (the default until session 13) with three quarters of every batch from mask cases (``strong_fraction`` 0.75).
 
     Ablation of the batch composition: the mask samples carry the signal the mask-only baseline
     learns from, and at ``strong_fraction`` 0.5 they are seen half as often per iteration.
@@ -720,8 +711,8 @@ class MixSupTrainer_Strong75(MixSupTrainer):
         self.strong_fraction = 0.75
 
 
-class MixSupTrainer_NoEntropy(MixSupTrainer):
-    """``MixSupTrainer`` without the entropy (confidence) term on unlabelled samples (ablation).
+class MixSupTrainer_NoEntropy(MixSupTrainer_WeakOnly):
+    """``MixSupTrainer_WeakOnly`` (the default until session 13) without the entropy (confidence) term on unlabelled samples (ablation).
 
     Entropy minimisation sharpens every uncertain voxel towards the currently favoured class; on
     thin structures (grey matter at 4 mm is one or two voxels wide) most voxels are boundary
@@ -732,15 +723,6 @@ class MixSupTrainer_NoEntropy(MixSupTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.entropy_weight = 0.0
-
-
-class MixSupTrainer_Smoke(MixSupTrainer):
-    """A few iterations only: for smoke tests and CI (2 epochs x 4 iterations, 2 validation steps)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, 2, 4, 2)
 
 
 class nnUNetTrainer_MixSupBudget(nnUNetTrainer):
@@ -770,15 +752,6 @@ class nnUNetTrainer_MixSupDemo(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         set_budget(self, self.demo_epochs, self.demo_iterations)
-
-
-class MixSupTrainer_Demo(MixSupTrainer):
-    """``MixSupTrainer`` with the demo's short budget (same as :class:`nnUNetTrainer_MixSupDemo`)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, nnUNetTrainer_MixSupDemo.demo_epochs, nnUNetTrainer_MixSupDemo.demo_iterations)
 
 
 class MixSupTrainer_WeakOnly_Demo(MixSupTrainer_WeakOnly):

@@ -42,7 +42,7 @@ from nnunet_mixsup.losses import (
     pseudo_label_map,
 )
 from nnunet_mixsup.manifest import TYPE_CODES
-from nnunet_mixsup.trainer import MixSupTrainer_WeakOnly, as_list, unwrap
+from nnunet_mixsup.trainer import MixSupTrainer_WeakOnly, as_list, nnUNetTrainer_MixSupDemo, set_budget, unwrap
 
 
 class FeatureTap:
@@ -341,6 +341,37 @@ class MixSupTrainer_MaskFirst_StockDS(MixSupTrainer_MaskFirst):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.mlds_on_mask_samples = False
+
+
+class MixSupTrainer(MixSupTrainer_MaskFirst_StockDS):
+    """The default mixed-supervision trainer (``nnUNetv2_train ... -tr MixSupTrainer``).
+
+    Identical to :class:`MixSupTrainer_MaskFirst_StockDS`, the scheme that won the cpu-mini
+    benchmark (docs/BENCHMARKS.md, session 13; the only one measured above the mask-only
+    baseline): stock nnU-Net on the mask cases until it segments every class, then mixed batches
+    with the EMA teacher's weak-label-constrained pseudo labels on the exported head, certain
+    negatives from boxes and tags, MLDS on the weak samples and a ramped entropy term on
+    unlabelled ones. The previous default is ``MixSupTrainer_WeakOnly``. Change the default only
+    with numbers.
+    """
+
+
+class MixSupTrainer_Smoke(MixSupTrainer):
+    """A few iterations only: for smoke tests and CI (2 epochs x 4 iterations, 2 validation steps)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, 2, 4, 2)
+
+
+class MixSupTrainer_Demo(MixSupTrainer):
+    """``MixSupTrainer`` with the demo's short budget (same as :class:`nnUNetTrainer_MixSupDemo`)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        set_budget(self, nnUNetTrainer_MixSupDemo.demo_epochs, nnUNetTrainer_MixSupDemo.demo_iterations)
 
 
 class MixSupTrainer_MaskFirst_Thr50(MixSupTrainer_MaskFirst):

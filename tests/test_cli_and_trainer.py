@@ -42,7 +42,7 @@ def test_trainer_found_by_nnunet_and_picklable(monkeypatch):
     importlib.reload(fo)
     for name in ("MixSupTrainer", "MixSupTrainer_Smoke"):
         cls = fo.recursive_find_trainer_class_by_name(name)
-        assert cls.__module__ == "nnunet_mixsup.trainer"
+        assert cls.__module__ == "nnunet_mixsup.trainer_distill"
         assert pickle.loads(pickle.dumps(cls)) is cls
 
 

@@ -13,12 +13,13 @@ from nnunet_mixsup.plans import shrink_configuration
 
 def _trainer(cls_name, info, config):
     import nnunet_mixsup.trainer as T
+    import nnunet_mixsup.trainer_distill as TD
 
     plans = load_json(str(info["pp"] / f"{info['plans']}.json"))
     plans["configurations"][config] = shrink_configuration(plans["configurations"][config], 32, base_features=4)
     plans["continue_training"] = False  # nnU-Net 2.8.1's run_training puts this into the plans
     dj = load_json(str(info["pp"] / "dataset.json"))
-    tr = getattr(T, cls_name)(plans, config, 0, dj, device=torch.device("cpu"))
+    tr = (getattr(TD, cls_name, None) or getattr(T, cls_name))(plans, config, 0, dj, device=torch.device("cpu"))
     tr.num_iterations_per_epoch = 2
     tr.num_val_iterations_per_epoch = 1
     tr.initialize()

@@ -1,13 +1,10 @@
 """Re-exports of the nnunet-mixsup trainer classes for nnU-Net's ``nnUNet_extTrainer`` lookup."""
 from nnunet_mixsup.trainer import (  # noqa: F401
-    MixSupTrainer,
-    MixSupTrainer_Demo,
     MixSupTrainer_MLDS,
     MixSupTrainer_MLDS_Demo,
     MixSupTrainer_MLDS_Uniform,
     MixSupTrainer_Negatives,
     MixSupTrainer_NoEntropy,
-    MixSupTrainer_Smoke,
     MixSupTrainer_Strong75,
     MixSupTrainer_WeakOnly,
     MixSupTrainer_WeakOnly_Demo,
@@ -15,6 +12,8 @@ from nnunet_mixsup.trainer import (  # noqa: F401
     nnUNetTrainer_MixSupDemo,
 )
 from nnunet_mixsup.trainer_distill import (  # noqa: F401
+    MixSupTrainer,
+    MixSupTrainer_Demo,
     MixSupTrainer_DMD,
     MixSupTrainer_DualBranch,
     MixSupTrainer_MaskFirst,
@@ -23,4 +22,5 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_MeanTeacher,
     MixSupTrainer_SelfTrain,
     MixSupTrainer_SelfTrainBox,
+    MixSupTrainer_Smoke,
 )
