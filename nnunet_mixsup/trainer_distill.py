@@ -1,7 +1,10 @@
 """Teacher-student trainers: mean-taught deep supervision, dual-branch distillation, deep mutual distillation.
 
 All three extend :class:`nnunet_mixsup.trainer.MixSupTrainer_WeakOnly` (mixed-supervision loader,
-MLDS, certain negatives, box tightness, entropy) and add one teacher-student scheme. Follow a
+MLDS, certain negatives, box tightness, entropy) and add one teacher-student scheme. The
+self-training line (``SelfTrain`` -> ``MaskFirst`` -> ``MaskFirst_StockDS``) grew out of the
+cpu-mini measurements, and the default users run, :class:`MixSupTrainer`, is its last step. The
+reasons for each step are in the class docstrings and in docs/BENCHMARKS.md. Follow a
 batch: ``train_step`` -> :meth:`forward_and_loss` (student forward through ``self.network``, the
 extra forward passes, pseudo labels) -> named loss terms (plain modules of
 :mod:`nnunet_mixsup.losses`) -> one optimizer step -> :meth:`after_optimizer_step`.
