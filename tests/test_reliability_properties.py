@@ -336,19 +336,19 @@ def mutation(draw, size: tuple[int, ...]) -> tuple[str | None, object, list[str]
 
 def _apply(manifest: dict, muts: list) -> str:
     m = copy.deepcopy(manifest)
-    dup = None
+    dups = []
     for cid, entry, _, marker in muts:
         if marker == "version":
             m["version"] = entry
         elif marker == "duplicate":
-            dup = cid
+            dups.append(cid)  # several cases may be duplicated; each must be reported
         else:
             if entry == {"type": "tags"} or (isinstance(entry, dict) and entry.get("type") == "tags"
                                              and "present" not in entry):
                 entry = {**entry, "present": []}
             m["cases"][cid] = entry
     text = json.dumps(m, allow_nan=True)
-    if dup is not None:  # the JSON text names the case twice
+    for dup in dups:  # the JSON text names the case twice
         key = json.dumps(dup)
         text = text.replace(f"{key}: ", f'{key}: {{"type": "none"}}, {key}: ', 1)
     return text
