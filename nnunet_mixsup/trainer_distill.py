@@ -359,6 +359,21 @@ class MixSupTrainer(MixSupTrainer_MaskFirst_StockDS):
     """
 
 
+class MixSupTrainer_Thr50(MixSupTrainer):
+    """``MixSupTrainer`` with pseudo labels wherever the teacher's probability is >= 0.5 (not 0.8).
+
+    A high threshold keeps the interior of compact classes and drops most voxels of thin ones (at
+    4 mm grey matter is nearly all boundary), so the pseudo labels over-represent the compact class
+    and the student's boundary moves into the thin one (measured: white matter grows into grey
+    matter). At 0.5 almost every voxel the teacher decides is kept, in its own class proportions.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pseudo_threshold = 0.5
+
+
 class MixSupTrainer_Smoke(MixSupTrainer):
     """A few iterations only: for smoke tests and CI (2 epochs x 4 iterations, 2 validation steps)."""
 
@@ -375,21 +390,6 @@ class MixSupTrainer_Demo(MixSupTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         set_budget(self, nnUNetTrainer_MixSupDemo.demo_epochs, nnUNetTrainer_MixSupDemo.demo_iterations)
-
-
-class MixSupTrainer_MaskFirst_Thr50(MixSupTrainer_MaskFirst):
-    """``MixSupTrainer_MaskFirst`` with pseudo labels wherever the teacher's probability is >= 0.5 (not 0.8).
-
-    A high threshold keeps the interior of compact classes and drops most voxels of thin ones (at
-    4 mm grey matter is nearly all boundary), so the pseudo labels over-represent the compact class
-    and the student's boundary moves into the thin one (measured: white matter grows into grey
-    matter). At 0.5 almost every voxel the teacher decides is kept, in its own class proportions.
-    """
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.pseudo_threshold = 0.5
 
 
 class MixSupTrainer_DualBranch(_TeacherStudentBase):

@@ -18,9 +18,9 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_DualBranch,
     MixSupTrainer_MaskFirst,
     MixSupTrainer_MaskFirst_StockDS,
-    MixSupTrainer_MaskFirst_Thr50,
     MixSupTrainer_MeanTeacher,
     MixSupTrainer_SelfTrain,
     MixSupTrainer_SelfTrainBox,
     MixSupTrainer_Smoke,
+    MixSupTrainer_Thr50,
 )
