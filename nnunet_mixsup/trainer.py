@@ -16,7 +16,7 @@ per class. ``MixSupTrainer_Negatives`` is that scheme as a variant.
 slices of 3D volumes) and ramped entropy; it was the default until session 13. The default users
 run, ``MixSupTrainer``, is defined in :mod:`nnunet_mixsup.trainer_distill`: it builds on these
 terms with a mask-only warm-up and weak-label-constrained self-training, the one scheme measured
-above the mask-only baseline on the cpu-mini benchmark (docs/BENCHMARKS.md).
+not below the mask-only baseline on the cpu-mini benchmark (equal on average; docs/BENCHMARKS.md).
 
 Validation (online pseudo-Dice and final validation) only ever sees mask cases. The network is
 nnU-Net's own, so checkpoints load in stock ``nnUNetv2_predict`` and friends.
@@ -699,7 +699,9 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
 
 
 class MixSupTrainer_Strong75(MixSupTrainer_WeakOnly):
-    """``MixSupTrainer_WeakOnly`` (the default until session 13) with three quarters of every batch from mask cases (``strong_fraction`` 0.75).
+    """``MixSupTrainer_WeakOnly`` (the default until session 13), 3/4 of every batch from mask cases.
+
+    ``strong_fraction`` 0.75 instead of 0.5.
 
     Ablation of the batch composition: the mask samples carry the signal the mask-only baseline
     learns from, and at ``strong_fraction`` 0.5 they are seen half as often per iteration.
@@ -712,7 +714,9 @@ class MixSupTrainer_Strong75(MixSupTrainer_WeakOnly):
 
 
 class MixSupTrainer_NoEntropy(MixSupTrainer_WeakOnly):
-    """``MixSupTrainer_WeakOnly`` (the default until session 13) without the entropy (confidence) term on unlabelled samples (ablation).
+    """``MixSupTrainer_WeakOnly`` (the default until session 13) without the entropy term (ablation).
+
+    The entropy (confidence) term acts on unlabelled samples only.
 
     Entropy minimisation sharpens every uncertain voxel towards the currently favoured class; on
     thin structures (grey matter at 4 mm is one or two voxels wide) most voxels are boundary
