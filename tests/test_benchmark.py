@@ -16,6 +16,9 @@ from nnunet_mixsup.benchmark import (
     LOWER,
     UPPER,
     BenchmarkError,
+    DenseDataset,
+    SimDataset,
+    _run_list,
     annotation_cost,
     check_dense_dataset,
     check_trainers,
@@ -183,6 +186,21 @@ def test_presets_and_overrides(tmp_path):
         _cfg("--trainers", "nnUNetTrainer_MixSupBudget")
     with pytest.raises(BenchmarkError, match="cannot be combined"):
         _cfg("--stock-plans", "--batch-size", "2")
+
+
+def test_no_upper_skips_only_the_upper_bound_runs(tmp_path):
+    dense = DenseDataset(tmp_path, 960, "Dataset960_x", [f"c{i}" for i in range(10)], ["t0"], [1], {1: "a"}, None,
+                         ".nii.gz")
+    counts = {"mask": 1, "box": 4, "tags": 2, "none": 3}
+    sims = [SimDataset("0.1", 0.1, s, counts, 961 + s, f"Dataset{961 + s}_x_s{s}") for s in (0, 1)]
+    sup = {s.id: counts for s in sims}
+    full = _run_list(_cfg("--seeds", "0", "1"), sims, dense, sup)
+    assert [r.run for r in full] == [LOWER, "MixSupTrainer", UPPER] * 2
+    cfg = _cfg("--seeds", "0", "1", "--no-upper", "--add-trainers", "MixSupTrainer_Thr50")
+    assert cfg.upper is False and _cfg().upper is True
+    runs = _run_list(cfg, sims, dense, sup)
+    assert [(r.run, r.seed) for r in runs] == [(LOWER, 0), ("MixSupTrainer", 0), ("MixSupTrainer_Thr50", 0),
+                                               (LOWER, 1), ("MixSupTrainer", 1), ("MixSupTrainer_Thr50", 1)]
 
 
 # ------------------------------------------------------------------------------------------------ early checks
