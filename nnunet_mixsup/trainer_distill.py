@@ -45,6 +45,7 @@ from nnunet_mixsup.losses import (
     pseudo_label_map,
 )
 from nnunet_mixsup.manifest import TYPE_CODES
+from nnunet_mixsup.mixing import cutmix_pairs, mix
 from nnunet_mixsup.trainer import MixSupTrainer_WeakOnly, as_list, nnUNetTrainer_MixSupDemo, set_budget, unwrap
 
 
@@ -162,7 +163,12 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         """Teacher pseudo labels into the MLDS targets (``terms["mlds"]``) and ``terms["pseudo"]`` on ``logits``."""
         selected = self.pseudo_samples(batch, data.device)
         pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], selected)
-        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed[0], batch)
+        self.pseudo_label_terms(terms, output, logits, pseudo, allowed[0], selected, batch)
+
+    def pseudo_label_terms(self, terms: dict, output: list[torch.Tensor], logits: torch.Tensor, pseudo: torch.Tensor,
+                           allowed0: torch.Tensor, selected: torch.Tensor, batch: dict) -> None:
+        """``terms["mlds"]`` with the pseudo labels in its pooled targets and ``terms["pseudo"]`` on ``logits``."""
+        terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed0, batch)
         # the pseudo-label term covers the selected samples only (mask samples are in "supervised"); it
         # is computed even when the batch has none (all-ignore target, constant loss) so that every DDP
         # rank runs the same collective operations inside nnU-Net's Dice
@@ -372,6 +378,45 @@ class MixSupTrainer_Thr50(MixSupTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.pseudo_threshold = 0.5
+
+
+class MixSupTrainer_CutMix(MixSupTrainer):
+    """``MixSupTrainer`` whose student sees CutMixed weak samples once self-training has started.
+
+    In ``MixSupTrainer`` teacher and student see the same augmented patch, so the pseudo-label
+    term mostly asks the student to repeat its own EMA. Here the teacher labels the unmixed batch
+    and then, on the weak samples, a grid-aligned rectangle of another weak sample (share of the
+    patch in ``cutmix_area``, each weak sample mixed with probability ``cutmix_prob``) replaces
+    part of the student's input; image, real labels, allowed maps and pseudo labels are mixed
+    alike (:mod:`nnunet_mixsup.mixing`; exact at every deep-supervision scale), so every loss term
+    keeps its meaning. Mask samples are never mixed, and the warm-up is unchanged. The cost per
+    step is ``MixSupTrainer``'s (no extra forward pass).
+
+    Attributes (beyond ``MixSupTrainer``'s): cutmix_prob, cutmix_area.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.cutmix_prob = 0.5
+        self.cutmix_area = (0.25, 0.5)
+
+    def forward_and_loss(self, data, seg, allowed, batch):
+        ramp = self.distill_ramp()
+        if ramp == 0 or self.label_manager.ignore_label is None:  # epoch-dependent: the same on every DDP rank
+            return super().forward_and_loss(data, seg, allowed, batch)
+        selected = self.pseudo_samples(batch, data.device)
+        pseudo = self.teacher_pseudo_labels(data, seg[0], allowed[0], selected)  # the teacher sees the unmixed batch
+        cell = [a // b for a, b in zip(data.shape[2:], seg[-1].shape[2:])]
+        partner, cut = cutmix_pairs(selected, data.shape[2:], cell, self.cutmix_area, self.cutmix_prob)
+        data, pseudo = mix(data, partner, cut), mix(pseudo, partner, cut)
+        seg, allowed = [mix(t, partner, cut) for t in seg], [mix(t, partner, cut) for t in allowed]
+        output = as_list(self.network(data))
+        terms = self.compute_loss(output, seg, allowed, batch)
+        if self.fade_box_term:
+            terms["box"] = (1.0 - ramp) * terms["box"]
+        self.pseudo_label_terms(terms, output, output[0], pseudo, allowed[0], selected, batch)
+        return terms
 
 
 class MixSupTrainer_Smoke(MixSupTrainer):

@@ -211,6 +211,45 @@ def test_mask_first_stock_ds_warm_up_loss_is_nnunets_own(planned_2d):
         assert float(terms["mlds"]) > 0.0 and not torch.allclose(terms["supervised"], tr.loss(output, seg))
 
 
+@pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
+def test_cutmix_student_sees_mixed_weak_samples_teacher_the_unmixed_batch(which, config, request, monkeypatch):
+    # tiny plans have batch 2: strong_fraction 0.3 gives batches of two weak samples and mixed ones
+    tr = _trainer("MixSupTrainer_CutMix", request.getfixturevalue(which), config, cutmix_prob=1.0,
+                  strong_fraction=0.3)
+    tr.num_epochs = 10
+    n = len(tr.label_manager.foreground_labels)
+    tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * n] * 6
+    tr.current_epoch = 6  # self-training started at epoch 4 (pseudo_start 0.4), full ramp
+    assert tr.distill_ramp() == 1.0
+    batches = [b for b in _batches(tr, 12) if int((b["sup_type"] != TYPE_CODES["mask"]).sum()) >= 2]
+    assert batches, "no batch with two weak samples"
+    b = batches[0]
+    seen, teacher_in = [], []
+    real_forward, real_teacher = tr.network.forward, tr.teacher_pseudo_labels
+    monkeypatch.setattr(tr.network, "forward", lambda x: (seen.append(x.clone()), real_forward(x))[1])
+    monkeypatch.setattr(tr, "teacher_pseudo_labels",
+                        lambda data, *a: (teacher_in.append(data.clone()), real_teacher(data, *a))[1])
+    torch.manual_seed(0)
+    out = tr.train_step(b)
+    assert np.isfinite(out["loss"]) and out["loss_pseudo"] != 0.0
+    data = b["data"]
+    assert torch.equal(teacher_in[0], data)
+    student = seen[0]
+    weak = (b["sup_type"] != TYPE_CODES["mask"]).tolist()
+    for i, w in enumerate(weak):
+        if not w:
+            assert torch.equal(student[i], data[i])  # mask samples are never mixed
+            continue
+        changed = (student[i] != data[i]).any(0)
+        assert changed.any()  # cutmix_prob 1: every weak sample got a rectangle of another weak sample
+        donors = [j for j, wj in enumerate(weak) if wj and j != i]
+        assert any(torch.equal(student[i][:, changed], data[j][:, changed]) for j in donors)
+    tr.current_epoch = 2  # warm-up: the unmixed MixSupTrainer path
+    seen.clear()
+    tr.train_step(b)
+    assert torch.equal(seen[0], data)
+
+
 def test_dual_branch_shares_the_encoder(planned_2d):
     tr = _trainer("MixSupTrainer_DualBranch", planned_2d, "2d")
     dec = tr.extra_modules["teacher_decoder"]

@@ -13,6 +13,7 @@ from nnunet_mixsup.trainer import (  # noqa: F401
 )
 from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer,
+    MixSupTrainer_CutMix,
     MixSupTrainer_Demo,
     MixSupTrainer_DMD,
     MixSupTrainer_DualBranch,
