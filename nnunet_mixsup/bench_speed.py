@@ -5,6 +5,10 @@ data loader produces batches (loader throughput is timed there); training steps 
 *interleaved* (trainer A step, trainer B step, ... repeated) so that machine noise hits all of them
 alike, and medians are reported as ratios to ``nnUNetTrainer``. Peak memory is reported on CUDA
 (``torch.cuda.max_memory_allocated``) and as the growth of the process' max RSS on CPU.
+
+MixSup trainers are measured in the last epoch of their schedule (:func:`at_full_schedule`):
+every ramp at full weight and a delayed self-training phase started (the default
+``MixSupTrainer`` runs stock nnU-Net's step until then), so the numbers are their costliest phase.
 """
 from __future__ import annotations
 
@@ -31,7 +35,30 @@ def _make_trainer(name: str, plans: dict, config: str, dataset_json: dict, devic
     p["continue_training"] = False
     tr = cls(p, config, 0, dataset_json, device=device)
     tr.initialize()
+    at_full_schedule(tr)
     return tr
+
+
+def at_full_schedule(trainer) -> None:
+    """Put a MixSup trainer into the last epoch of its schedule, with delayed self-training started.
+
+    Ramps depend on ``current_epoch``; ``MixSupTrainer``'s self-training starts when the logged
+    validation Dice shows every class, so a perfect Dice is logged for every earlier epoch. Call
+    before building the loaders (their batch composition depends on the phase). Stock trainers are
+    left alone.
+    """
+    from nnunet_mixsup.trainer import MixSupTrainerBase
+
+    if not isinstance(trainer, MixSupTrainerBase):
+        return
+    trainer.current_epoch = trainer.num_epochs - 1
+    if hasattr(trainer, "self_training_start"):
+        n = len(trainer.label_manager.foreground_regions if trainer.label_manager.has_regions
+                else trainer.label_manager.foreground_labels)
+        trainer.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"] = \
+            [[1.0] * n for _ in range(trainer.current_epoch)]
+        if trainer.self_training_start() is None:
+            raise RuntimeError(f"{type(trainer).__name__}: self-training did not start at the last epoch")
 
 
 def bench_speed(dataset: int | str, config: str, plans_name: str, trainers: list[str], steps: int = 10,

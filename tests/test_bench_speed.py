@@ -1,0 +1,35 @@
+"""bench-speed: one interleaved run against stock nnU-Net, MixSup trainers in their costliest phase."""
+from __future__ import annotations
+
+import math
+
+from nnunet_mixsup.bench_speed import bench_speed, format_rows
+from nnunet_mixsup.manifest import TYPE_CODES
+
+
+def test_bench_speed_rows_and_self_training_phase(planned_2d, monkeypatch):
+    import nnunet_mixsup.trainer_distill as TD
+
+    calls, batches = [], []
+    real_teacher, real_step = TD.MixSupTrainer.teacher_pseudo_labels, TD.MixSupTrainer.train_step
+
+    def teacher(self, *a):
+        calls.append(type(self).__name__)
+        return real_teacher(self, *a)
+
+    def step(self, batch):
+        batches.append(batch["sup_type"].clone())
+        return real_step(self, batch)
+
+    monkeypatch.setattr(TD.MixSupTrainer, "teacher_pseudo_labels", teacher)
+    monkeypatch.setattr(TD.MixSupTrainer, "train_step", step)
+    rows = bench_speed(planned_2d["id"], "2d", planned_2d["plans"], ["MixSupTrainer"], steps=2, warmup=1,
+                       device="cpu")
+    assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "MixSupTrainer"]
+    assert rows[0]["step_ratio"] == 1.0 and rows[0]["loader_ratio"] == 1.0
+    assert all(math.isfinite(r[k]) and r[k] > 0 for r in rows for k in ("step_s", "step_ratio", "loader_batches_per_s"))
+    # measured after its warm-up: the teacher labels the weak samples of mixed batches at every step
+    assert calls == ["MixSupTrainer"] * 3
+    assert any((b != TYPE_CODES["mask"]).any() for b in batches)
+    table = format_rows(rows, "cpu")
+    assert table.count("\n") == 3 and "| MixSupTrainer |" in table
