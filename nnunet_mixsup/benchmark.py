@@ -88,7 +88,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -96,6 +95,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnunet_mixsup.progress import run_logged
 from nnunet_mixsup.simulate import Amount, case_order, fraction_or_count, resolve_counts
 
 RESULTS_DIR = "benchmark_results"
@@ -754,24 +754,27 @@ class Session:
         """An in-process step, as a comment in commands.sh."""
         self.record("# " + text.replace("\n", "\n# "))
 
-    def run(self, cmd: Sequence[str], log_name: str, what: str) -> None:
-        """Run ``cmd`` (appended to commands.sh first), output to ``logs/<log_name>.log``."""
+    def run(self, cmd: Sequence[str], log_name: str, what: str, epochs: int | None = None) -> None:
+        """Run ``cmd`` (appended to commands.sh first), output to ``logs/<log_name>.log``.
+
+        ``epochs``: for an ``nnUNetv2_train`` command, its epoch count - shows an epoch progress bar.
+        """
         cmd = [str(c) for c in cmd]
         line = shlex.join(cmd)
         self.record(line)
         log = self.logs / f"{log_name}.log"
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"\n+ {line}\n")
-            f.flush()
-            t = time.time()
-            r = subprocess.run(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, check=False)
-            f.write(f"+ exit {r.returncode} after {time.time() - t:.1f} s\n")
-        if r.returncode != 0:
+        t = time.time()
+        code = run_logged(cmd, self.env, log, desc=what if epochs else None, total_epochs=epochs)
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"+ exit {code} after {time.time() - t:.1f} s\n")
+        if code != 0:
             try:
                 tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
             except OSError:
                 tail = ""
-            raise BenchmarkError(f"{what} failed (exit {r.returncode}):\n  {line}\nlog: {log}\n--- last lines ---\n"
+            raise BenchmarkError(f"{what} failed (exit {code}):\n  {line}\nlog: {log}\n--- last lines ---\n"
                                  f"{tail}")
 
 
@@ -1192,7 +1195,7 @@ def _do_run(run: Run, label: str, session: Session, cfg: BenchmarkConfig, dense:
                     + (" (continuing from checkpoint_latest.pth)" if resume else ""))
         cmd = [_bin("nnUNetv2_train"), run.dataset_id, config, run.fold, "-tr", run.trainer, "-p", plans_name,
                "-device", device] + (["--c"] if resume else [])
-        session.run(cmd, f"train_{run.key}", f"training {run.key}")
+        session.run(cmd, f"train_{run.key}", f"training {run.key}", epochs=cfg.epochs)
         if not ckpt.is_file():
             raise BenchmarkError(f"training {run.key} ended without {ckpt}; see {session.logs}/train_{run.key}.log")
     run_plans = base / "plans.json"

@@ -18,10 +18,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nnunet_mixsup.progress import run_logged
 
 SOURCE_ID, TARGET_ID = 990, 991
 PLANS = "nnUNetPlans_demo"
@@ -37,14 +38,14 @@ def _bin(name: str) -> str:
     return str(cand) if cand.exists() else name
 
 
-def _run(cmd: list[str], env: dict, log: Path) -> None:
+def _run(cmd: list[str], env: dict, log: Path, progress: str | None = None, epochs: int | None = None) -> None:
+    """Run ``cmd`` with its output appended to ``log``; ``progress``: label of an epoch progress bar."""
     print("+", " ".join(cmd), flush=True)
     with open(log, "a") as f:
         f.write("+ " + " ".join(cmd) + "\n")
-        f.flush()
-        r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"command failed (exit {r.returncode}): {' '.join(cmd)} – see {log}")
+    code = run_logged(cmd, env, log, desc=progress, total_epochs=epochs)
+    if code != 0:
+        raise RuntimeError(f"command failed (exit {code}): {' '.join(cmd)} – see {log}")
 
 
 def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.1, n_train: int = 20,
@@ -133,7 +134,8 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
         if not (out / "checkpoint_final.pth").is_file():
             print(f"[demo] training {name}: {desc}  ({time.time() - t0:.0f} s so far)")
             _run([_bin("nnUNetv2_train"), str(did), config, str(fold), "-tr", trainer, "-p", PLANS,
-                  "-device", "cpu" if not _has_cuda() else "cuda"], env, log)
+                  "-device", "cpu" if not _has_cuda() else "cuda"], env, log, progress=f"training {name}",
+                 epochs=int(env["nnUNet_mixsup_epochs"]))
         pred = results / f"pred_{name}"
         if not pred.is_dir() or not any(pred.glob("*.nii.gz")):
             print(f"[demo] predicting the test split with {name}")
