@@ -390,7 +390,8 @@ class MixSupTrainer_CutMix(MixSupTrainer):
     part of the student's input; image, real labels, allowed maps and pseudo labels are mixed
     alike (:mod:`nnunet_mixsup.mixing`; exact at every deep-supervision scale), so every loss term
     keeps its meaning. Mask samples are never mixed, and the warm-up is unchanged. The cost per
-    step is ``MixSupTrainer``'s (no extra forward pass).
+    step is ``MixSupTrainer``'s (no extra forward pass). Under DDP each rank draws its own pairs
+    and rectangles within its own batch; no collective operation depends on them.
 
     Attributes (beyond ``MixSupTrainer``'s): cutmix_prob, cutmix_area.
     """
