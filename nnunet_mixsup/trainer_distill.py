@@ -355,13 +355,15 @@ class MixSupTrainer_MaskFirst_StockDS(MixSupTrainer_MaskFirst):
 class MixSupTrainer(MixSupTrainer_MaskFirst_StockDS):
     """The default mixed-supervision trainer (``nnUNetv2_train ... -tr MixSupTrainer``).
 
-    Identical to :class:`MixSupTrainer_MaskFirst_StockDS`, the scheme that won the cpu-mini
-    benchmark (docs/BENCHMARKS.md, session 13; the only one not below the mask-only baseline -
-    equal on average, +0.0 +- 2.1 Dice points over 3 seeds, +4.7 over the previous default): stock nnU-Net on the mask cases until it segments every class, then mixed batches
-    with the EMA teacher's weak-label-constrained pseudo labels on the exported head, certain
-    negatives from boxes and tags, MLDS on the weak samples and a ramped entropy term on
-    unlabelled ones. The previous default is ``MixSupTrainer_WeakOnly``. Change the default only
-    with numbers.
+    Identical to :class:`MixSupTrainer_MaskFirst_StockDS`: stock nnU-Net on the mask cases until it
+    segments every class, then mixed batches with the EMA teacher's weak-label-constrained pseudo
+    labels on the exported head, certain negatives from boxes and tags, MLDS on the weak samples
+    and a ramped entropy term on unlabelled ones. It is the best of the schemes measured with 3
+    seeds in sessions 11-13 (+4.7 Dice points over the previous default ``MixSupTrainer_WeakOnly``)
+    but not above the mask-only baseline on the cpu-mini benchmark: +0.0 +- 2.1 points in session
+    13, -1.5 +- 1.1 when retrained side by side in session 14 (docs/BENCHMARKS.md).
+    ``MixSupTrainer_CutMix`` was 0.7 points above it there, too little to switch. Change the
+    default only with numbers.
     """
 
 
