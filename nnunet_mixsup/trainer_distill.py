@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from nnunet_mixsup.losses import (
+    DistributionAlignment,
     EntropyLoss,
     KLDistillationLoss,
     SoftDiceAgreementLoss,
@@ -420,6 +421,49 @@ class MixSupTrainer_CutMix(MixSupTrainer):
             terms["box"] = (1.0 - ramp) * terms["box"]
         self.pseudo_label_terms(terms, output, output[0], pseudo, allowed[0], selected, batch)
         return terms
+
+
+class MixSupTrainer_DistAlign(MixSupTrainer):
+    """``MixSupTrainer`` with distribution alignment of the teacher's probabilities on weak samples.
+
+    Session 14 (docs/BENCHMARKS.md) measured that every self-training variant grows white matter
+    into grey matter: nothing keeps the class proportions of the pseudo labels at those of the
+    real labels. Here the teacher's softmax on the weak samples is rescaled by
+    ``target / current`` (:class:`~nnunet_mixsup.losses.DistributionAlignment`): running class
+    frequencies of the mask samples' labels over running mean teacher probabilities on the weak
+    samples, both updated every self-training step (``dist_align_momentum``). Then come the weak-label
+    constraint and the confidence threshold as before. The running distributions are an extra
+    module (buffers only), so ``--c`` restores them; under DDP each rank keeps its own (they only
+    reweight its own pseudo labels; no collective operation depends on them).
+
+    Defined and unit-tested; not yet benchmarked.
+
+    Attributes (beyond ``MixSupTrainer``'s): dist_align_momentum.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dist_align_momentum = 0.99
+
+    def build_extra_modules(self) -> dict[str, nn.Module]:
+        modules = super().build_extra_modules()
+        modules["dist_align"] = DistributionAlignment(self.label_manager.num_segmentation_heads,
+                                                      self.dist_align_momentum).to(self.device)
+        return modules
+
+    @torch.no_grad()
+    def teacher_pseudo_labels(self, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
+                              weak: torch.Tensor) -> torch.Tensor:
+        teacher, align = self.extra_modules["teacher"], self.extra_modules["dist_align"]
+        noisy = data + self.teacher_noise_std * torch.randn_like(data) if self.teacher_noise_std > 0 else data
+        probs = torch.softmax(as_list(teacher(noisy))[0].float(), dim=1)
+        is_weak = weak.view(-1, *([1] * (seg0.ndim - 1))).expand_as(seg0)  # (B, 1, *spatial)
+        has_label = seg0 != self.label_manager.ignore_label
+        align.update(seg0, has_label & ~is_weak, probs, is_weak)
+        probs = torch.where(is_weak, align(probs), probs)
+        probs = constrain_pseudo_labels(probs, allowed0.float())
+        return pseudo_label_map(probs, seg0, self.label_manager.ignore_label, self.pseudo_threshold, weak)
 
 
 class MixSupTrainer_Smoke(MixSupTrainer):

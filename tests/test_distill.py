@@ -250,6 +250,35 @@ def test_cutmix_student_sees_mixed_weak_samples_teacher_the_unmixed_batch(which,
     assert torch.equal(seen[0], data)
 
 
+def test_dist_align_learns_the_label_distribution_and_is_checkpointed(planned_2d, tmp_path):
+    tr = _trainer("MixSupTrainer_DistAlign", planned_2d, "2d")
+    tr.num_epochs = 10
+    n = len(tr.label_manager.foreground_labels)
+    tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * n] * 6
+    tr.current_epoch = 6
+    da = tr.extra_modules["dist_align"]
+    assert not bool(da.initialised)
+    batches = [b for b in _batches(tr, 8) if (b["sup_type"] == TYPE_CODES["mask"]).any()
+               and (b["sup_type"] != TYPE_CODES["mask"]).any()]
+    b = batches[0]
+    seg0 = b["target"][0][:, :1]
+    allowed0 = b["target"][0][:, 1:]
+    weak = b["sup_type"] != TYPE_CODES["mask"]
+    pseudo = tr.teacher_pseudo_labels(b["data"], seg0, allowed0, weak)
+    counts = torch.bincount(seg0[~weak].long().flatten(), minlength=n + 1).float()
+    assert bool(da.initialised) and torch.allclose(da.target, counts / counts.sum())  # the mask samples' labels
+    for k in range(n):  # still never against a box or a tag
+        assert not ((pseudo[:, 0] == k + 1) & (allowed0[:, k] == 0)).any()
+    out = tr.train_step(b)
+    assert np.isfinite(out["loss"]) and out["loss_pseudo"] != 0.0
+    f = str(tmp_path / "checkpoint_latest.pth")
+    tr.save_checkpoint(f)
+    tr2 = _trainer("MixSupTrainer_DistAlign", planned_2d, "2d")
+    tr2.load_checkpoint(f)
+    for k, v in da.state_dict().items():
+        assert torch.equal(v, tr2.extra_modules["dist_align"].state_dict()[k])
+
+
 def test_dual_branch_shares_the_encoder(planned_2d):
     tr = _trainer("MixSupTrainer_DualBranch", planned_2d, "2d")
     dec = tr.extra_modules["teacher_decoder"]

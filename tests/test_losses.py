@@ -641,3 +641,52 @@ def test_known_voxel_ce_hand_values_masking_and_empty():
     assert empty.item() == 0.0
     big = KnownVoxelCrossEntropyLoss(None)(torch.tensor([[[[1e4]], [[-1e4]]]]), torch.tensor([[[[1]]]]))
     assert torch.isfinite(big) and big.item() == pytest.approx(2e4)
+
+
+# ------------------------------------------------------------------------------ distribution alignment
+def test_distribution_alignment_hand_values_2d():
+    from nnunet_mixsup.losses import DistributionAlignment
+
+    da = DistributionAlignment(2, momentum=0.5)
+    p = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1).expand(1, 2, 2, 2).clone()
+    assert torch.allclose(da(p), p)  # uniform before any update: unchanged
+    labels = torch.tensor([[0, 0], [0, 1]]).view(1, 1, 2, 2)  # target 3/4, 1/4
+    probs = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1).expand(1, 2, 2, 2).clone()  # current 1/2, 1/2
+    ones = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    da.update(labels, ones, probs, ones)  # first update replaces the uniform start
+    assert torch.allclose(da.target, torch.tensor([0.75, 0.25])) and torch.allclose(da.current, torch.tensor([0.5, 0.5]))
+    # p = (0.5, 0.5) -> (0.5 * 1.5, 0.5 * 0.5) / 1 = (0.75, 0.25)
+    assert torch.allclose(da(probs)[0, :, 0, 0], torch.tensor([0.75, 0.25]))
+    da.update(labels, torch.zeros_like(ones), torch.tensor([0.9, 0.1]).view(1, 2, 1, 1).expand(1, 2, 2, 2), ones)
+    # target unchanged (no labelled voxel); current = 0.5 * (0.5, 0.5) + 0.5 * (0.9, 0.1) = (0.7, 0.3)
+    assert torch.allclose(da.target, torch.tensor([0.75, 0.25])) and torch.allclose(da.current, torch.tensor([0.7, 0.3]))
+    q = da(torch.tensor([0.7, 0.3]).view(1, 2, 1, 1))
+    a, b = 0.7 * 0.75 / 0.7, 0.3 * 0.25 / 0.3
+    assert torch.allclose(q.flatten(), torch.tensor([a / (a + b), b / (a + b)]))
+
+
+def test_distribution_alignment_masks_3d_and_state_dict():
+    from nnunet_mixsup.losses import DistributionAlignment
+
+    torch.manual_seed(0)
+    da = DistributionAlignment(3)
+    labels = torch.randint(0, 3, (2, 1, 3, 4, 5))
+    labels[1] = 2
+    lmask = torch.zeros(2, 1, 3, 4, 5, dtype=torch.bool)
+    lmask[1] = True  # only sample 1's labels count: target = (0, 0, 1)
+    probs = torch.softmax(torch.randn(2, 3, 3, 4, 5), dim=1)
+    pmask = torch.zeros_like(lmask)
+    pmask[0] = True
+    da.update(labels, lmask, probs, pmask)
+    assert torch.allclose(da.target, torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.allclose(da.current, probs[0].mean(dim=(1, 2, 3)), atol=1e-6)
+    out = da(probs)
+    assert torch.allclose(out.sum(1), torch.ones(2, 3, 4, 5)) and torch.allclose(out[:, 2], torch.ones(2, 3, 4, 5))
+    assert set(da.state_dict()) == {"target", "current", "initialised"}
+    da2 = DistributionAlignment(3)
+    da2.update(labels, lmask, probs, torch.zeros_like(pmask))  # one side missing on the first batch: no change
+    assert not bool(da2.initialised) and torch.allclose(da2.target, torch.full((3,), 1 / 3))
+    da2.load_state_dict(da.state_dict())
+    assert torch.equal(da2(probs), out)
+    with pytest.raises(ValueError):
+        DistributionAlignment(3, momentum=1.0)

@@ -15,6 +15,7 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer,
     MixSupTrainer_CutMix,
     MixSupTrainer_Demo,
+    MixSupTrainer_DistAlign,
     MixSupTrainer_DMD,
     MixSupTrainer_DualBranch,
     MixSupTrainer_MaskFirst,
