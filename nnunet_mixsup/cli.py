@@ -68,8 +68,16 @@ def _cmd_synthetic(args: argparse.Namespace) -> int:
     from nnunet_mixsup.synthetic import make_synthetic_dataset
 
     counts = dict(zip(("mask", "box", "tags", "none"), args.counts))
+    for opt in ("size", "spacing"):
+        v = getattr(args, opt)
+        if v is not None and len(v) != args.dim:
+            raise ValueError(f"--{opt} needs {args.dim} values for --dim {args.dim}, got {len(v)}")
+    if args.size is not None and min(args.size) < 8:
+        raise ValueError(f"--size {args.size}: every axis needs at least 8 voxels")
+    if args.spacing is not None and min(args.spacing) <= 0:
+        raise ValueError(f"--spacing {args.spacing}: spacings must be positive")
     print(make_synthetic_dataset(nnUNet_raw.require(), args.d, dim=args.dim, counts=counts, n_test=args.test,
-                                 seed=args.seed))
+                                 size_itk=args.size, spacing_itk=args.spacing, seed=args.seed))
     return 0
 
 
@@ -124,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--counts", type=int, nargs=4, default=[3, 2, 2, 1], metavar=("MASK", "BOX", "TAGS", "NONE"))
     s.add_argument("--test", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs="+", default=None, metavar="N",
+                   help="image size in voxels, x y [z] as in ITK (default 20 40 36 in 3D, 48 40 in 2D; "
+                        "e.g. 160 160 96 for GPU-sized stock plans)")
+    s.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                   help="voxel spacing in mm, x y [z] (default 3 1 1 in 3D: anisotropic, 1 1 in 2D)")
     s.set_defaults(func=_cmd_synthetic)
 
     for mod in ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",

@@ -13,7 +13,7 @@ from nnunet_mixsup.plans import shrink_configuration
 DISTILL = ["MixSupTrainer_MeanTeacher", "MixSupTrainer_SelfTrain", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"]
 
 
-def _trainer(cls_name, info, config, **attrs):
+def _trainer(cls_name, info, config, device="cpu", **attrs):
     import nnunet_mixsup.trainer as T
     import nnunet_mixsup.trainer_distill as TD
 
@@ -22,7 +22,7 @@ def _trainer(cls_name, info, config, **attrs):
     plans["continue_training"] = False  # nnU-Net 2.8.1's run_training puts this into the plans
     dj = load_json(str(info["pp"] / "dataset.json"))
     cls = getattr(TD, cls_name, None) or getattr(T, cls_name)
-    tr = cls(plans, config, 0, dj, device=torch.device("cpu"))
+    tr = cls(plans, config, 0, dj, device=torch.device(device))
     tr.num_iterations_per_epoch = 2
     tr.num_val_iterations_per_epoch = 1
     for k, v in attrs.items():

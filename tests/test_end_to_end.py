@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+import torch
 
 from nnunet_mixsup.cli import trainers_path
 
 BIN = Path(sys.executable).parent
+# the GPU run of the same chain (nnU-Net's AMP, pinned-memory loaders, CUDA prediction); skipped without a GPU
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
 def run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -23,8 +26,9 @@ def run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dim,config", [(3, "3d_fullres"), (2, "2d")])
-def test_plan_train_predict_evaluate(tmp_path, dim, config):
+def test_plan_train_predict_evaluate(tmp_path, dim, config, device):
     env = dict(os.environ)
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[k] = str(tmp_path / k)
@@ -37,14 +41,14 @@ def test_plan_train_predict_evaluate(tmp_path, dim, config):
     run([ms, "plan_and_preprocess", "-d", did, "-c", config, "-np", "1"], env)
     run([ms, "small-plans", "-d", did, "-c", config, "--max-features", "32", "--base-features", "4"], env)
     r = run([str(BIN / "nnUNetv2_train"), did, config, "0", "-tr", "MixSupTrainer_Smoke", "-p", "nnUNetPlans_small",
-             "-device", "cpu"], env)
+             "-device", device], env)
     assert "supervision summary" in r.stdout
     res = tmp_path / "nnUNet_results"
     ckpt = next(res.rglob("checkpoint_final.pth"))
     raw = next((tmp_path / "nnUNet_raw").iterdir())
     out = tmp_path / "pred"
     run([str(BIN / "nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", did, "-c", config,
-         "-tr", "MixSupTrainer_Smoke", "-p", "nnUNetPlans_small", "-f", "0", "-device", "cpu", "-npp", "1",
+         "-tr", "MixSupTrainer_Smoke", "-p", "nnUNetPlans_small", "-f", "0", "-device", device, "-npp", "1",
          "-nps", "1"], env)
     for img in sorted((raw / "imagesTs").iterdir()):
         pred = out / img.name.replace("_0000", "")
