@@ -314,3 +314,25 @@ def test_pseudo_label_map_sample_mask_and_3d():
     assert torch.equal(out[1], target[1])
     with pytest.raises(ValueError, match="target must have shape"):
         pseudo_label_map(probs, target[:, :, :2], 5)
+
+
+def test_dist_align_cutmix_composes_both(planned_2d, monkeypatch):
+    import nnunet_mixsup.trainer_distill as TD
+
+    tr = _trainer("MixSupTrainer_DistAlignCutMix", planned_2d, "2d", cutmix_prob=1.0, strong_fraction=0.3)
+    assert tr.cutmix_prob == 1.0 and tr.dist_align_momentum == 0.99 and "dist_align" in tr.extra_modules
+    tr.num_epochs = 10
+    n = len(tr.label_manager.foreground_labels)
+    tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * n] * 6
+    tr.current_epoch = 6
+    mixed = []
+    real_mix = TD.mix
+    monkeypatch.setattr(TD, "mix", lambda x, partner, cut: (mixed.append(cut), real_mix(x, partner, cut))[1])
+    aligned = []
+    da = tr.extra_modules["dist_align"]
+    real_update = da.update
+    monkeypatch.setattr(da, "update", lambda *a: (aligned.append(1), real_update(*a))[1])
+    b = next(b for b in _batches(tr, 12) if int((b["sup_type"] != TYPE_CODES["mask"]).sum()) >= 2)
+    out = tr.train_step(b)
+    assert np.isfinite(out["loss"]) and out["loss_pseudo"] != 0.0
+    assert mixed and aligned  # CutMix's forward ran, with DistAlign's teacher

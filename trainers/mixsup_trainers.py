@@ -16,6 +16,7 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_CutMix,
     MixSupTrainer_Demo,
     MixSupTrainer_DistAlign,
+    MixSupTrainer_DistAlignCutMix,
     MixSupTrainer_DMD,
     MixSupTrainer_DualBranch,
     MixSupTrainer_MaskFirst,
