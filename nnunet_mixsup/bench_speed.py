@@ -1,7 +1,9 @@
 """``nnunet-mixsup bench-speed``: per-trainer training-step time and loader throughput vs stock nnUNetTrainer.
 
 All trainers are built in one process on the same plans and configuration. Each trainer's own
-data loader produces batches (loader throughput is timed there); training steps are then timed
+data loader produces batches in the calling process (``nnUNet_n_proc_DA=0`` while it is built, so
+the throughput column is one core's augmentation rate, comparable between trainers and machines;
+nnU-Net's training divides the work over its background workers); training steps are then timed
 *interleaved* (trainer A step, trainer B step, ... repeated) so that machine noise hits all of them
 alike, and medians are reported as ratios to ``nnUNetTrainer``. Peak memory is reported on CUDA
 (``torch.cuda.max_memory_allocated``) and as the growth of the process' max RSS on CPU.
@@ -13,7 +15,9 @@ every ramp at full weight and a delayed self-training phase started (the default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import time
@@ -61,9 +65,29 @@ def at_full_schedule(trainer) -> None:
             raise RuntimeError(f"{type(trainer).__name__}: self-training did not start at the last epoch")
 
 
+@contextlib.contextmanager
+def _single_process_loaders():
+    """nnU-Net's loaders in the calling process (``nnUNet_n_proc_DA=0``) for the duration."""
+    old = os.environ.get("nnUNet_n_proc_DA")
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["nnUNet_n_proc_DA"]
+        else:
+            os.environ["nnUNet_n_proc_DA"] = old
+
+
 def bench_speed(dataset: int | str, config: str, plans_name: str, trainers: list[str], steps: int = 10,
-                warmup: int = 2, device: str = "cpu") -> list[dict]:
-    """Return one row per trainer: median step time, ratio, loader batches/s, peak memory."""
+                warmup: int = 2, device: str = "cpu", loader_batches: int | None = None) -> list[dict]:
+    """Return one row per trainer: median step time, ratio, loader batches/s, peak memory.
+
+    Each trainer's loader produces ``loader_batches`` batches (default ``steps + warmup``; fewer
+    keep large patches affordable: on a GPU machine one 96x160x160 MixSup batch takes seconds in
+    a single process), timed for the throughput column; the timed steps cycle through them.
+    """
+    n_batches = steps + warmup if loader_batches is None else max(1, min(loader_batches, steps + warmup))
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     from nnunet_mixsup.prepare import preprocessed_dataset_folder
@@ -78,10 +102,11 @@ def bench_speed(dataset: int | str, config: str, plans_name: str, trainers: list
     for name in trainers:
         torch.manual_seed(0)
         tr = _make_trainer(name, plans, config, dj, dev)
-        dl_tr, dl_val = tr.get_dataloaders()
+        with _single_process_loaders():  # background workers would hand over pre-filled queues, not a rate
+            dl_tr, dl_val = tr.get_dataloaders()
         t0 = time.perf_counter()
-        batches[name] = [next(dl_tr) for _ in range(steps + warmup)]
-        loader_rate[name] = (steps + warmup) / (time.perf_counter() - t0)
+        batches[name] = [next(dl_tr) for _ in range(n_batches)]
+        loader_rate[name] = n_batches / (time.perf_counter() - t0)
         for d in (dl_tr, dl_val):
             if hasattr(d, "_finish"):
                 d._finish()
@@ -96,7 +121,7 @@ def bench_speed(dataset: int | str, config: str, plans_name: str, trainers: list
                 torch.cuda.reset_peak_memory_stats()
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            built[name].train_step(batches[name][i])
+            built[name].train_step(batches[name][i % n_batches])
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 mem[name] = max(mem.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
@@ -133,11 +158,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                                           "MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch",
                                           "MixSupTrainer_DMD"])
     s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--loader-batches", type=int, default=None,
+                   help="batches each loader produces (timed; the steps cycle through them); default steps + 2")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("-o", type=Path, default=None, help="write the Markdown table here")
 
     def _run(a: argparse.Namespace) -> int:
-        rows = bench_speed(a.d, a.c, a.p, a.tr, a.steps, device=a.device)
+        rows = bench_speed(a.d, a.c, a.p, a.tr, a.steps, device=a.device, loader_batches=a.loader_batches)
         table = format_rows(rows, a.device)
         print(table)
         if a.o:

@@ -7,7 +7,9 @@
 #      with nnU-Net's default torch.compile).
 # Stages 1-2 run with nnUNet_compile=f: compiling every trainer's network would take longer than the
 # measurement, and the step-time ratios compare uncompiled networks on both sides.
-# Usage: bash scripts/gpu_check.sh OUT_DIR   (nnunetv2 and this package importable; exits 1 if a stage failed)
+# Usage: bash scripts/gpu_check.sh OUT_DIR   (nnunetv2 and this package importable - on the lent machine
+# `source scripts/gpu_kit_env.sh` first; exits 1 if a stage failed). Timings of session 15 on an H200:
+# docs/BENCHMARKS.md, section "GPU".
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -39,10 +41,9 @@ cat "$OUT/machine.txt"
 stage data 90 bash -c "nnunet-mixsup synthetic-data -d 903 --size $SIZE --spacing 1 1 1.5 --counts 8 4 4 4 &&
   nnunet-mixsup plan_and_preprocess -d 903 -c 3d_fullres -np $(( $(nproc) > 12 ? 12 : $(nproc) ))"
 nnUNet_compile=f stage test_gpu 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
-# loaders in the main process (as in the CPU table): batches/s is then one core's augmentation throughput
 # shellcheck disable=SC2086
-nnUNet_compile=f nnUNet_n_proc_DA=0 stage bench_speed 240 nnunet-mixsup bench-speed -d 903 -c 3d_fullres \
-  -p nnUNetPlans --steps "$STEPS" -tr $TRAINERS -o "$OUT/bench_speed_gpu.md"
+nnUNet_compile=f stage bench_speed 240 nnunet-mixsup bench-speed -d 903 -c 3d_fullres \
+  -p nnUNetPlans --steps "$STEPS" --loader-batches 4 -tr $TRAINERS -o "$OUT/bench_speed_gpu.md"
 stage test_e2e_cuda 150 python -m pytest -q -p no:cacheprovider tests/test_end_to_end.py -k cuda -rs
 
 rm -rf "$W"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from nnunet_mixsup.bench_speed import bench_speed, format_rows
 from nnunet_mixsup.manifest import TYPE_CODES
@@ -33,3 +34,28 @@ def test_bench_speed_rows_and_self_training_phase(planned_2d, monkeypatch):
     assert any((b != TYPE_CODES["mask"]).any() for b in batches)
     table = format_rows(rows, "cpu")
     assert table.count("\n") == 3 and "| MixSupTrainer |" in table
+
+
+def test_loader_batches_are_cycled_and_made_in_process(planned_2d, monkeypatch):
+    import nnunet_mixsup.trainer_distill as TD
+
+    seen, procs = [], []
+    real_step, real_loaders = TD.MixSupTrainer.train_step, TD.MixSupTrainer.get_dataloaders
+
+    def step(self, batch):
+        seen.append(id(batch))
+        return real_step(self, batch)
+
+    def loaders(self):
+        procs.append(os.environ.get("nnUNet_n_proc_DA"))
+        return real_loaders(self)
+
+    monkeypatch.setattr(TD.MixSupTrainer, "train_step", step)
+    monkeypatch.setattr(TD.MixSupTrainer, "get_dataloaders", loaders)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "3")
+    rows = bench_speed(planned_2d["id"], "2d", planned_2d["plans"], ["MixSupTrainer"], steps=3, warmup=1,
+                       device="cpu", loader_batches=2)
+    assert len(seen) == 4 and len(set(seen)) == 2 and seen[0] == seen[2] and seen[1] == seen[3]
+    assert procs == ["0"]  # single-process loader while measured ...
+    assert os.environ["nnUNet_n_proc_DA"] == "3"  # ... and the user's setting restored
+    assert all(math.isfinite(r["loader_batches_per_s"]) for r in rows)

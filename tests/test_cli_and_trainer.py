@@ -33,6 +33,18 @@ def test_cli_error_exits_nonzero_with_clear_message(fresh_dirs):
     assert "error" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_synthetic_data_size_and_spacing(fresh_dirs, capsys):
+    from nnunet_mixsup.cli import main
+
+    assert main(["synthetic-data", "-d", "981", "--size", "24", "20", "12", "--spacing", "1", "1", "2.5",
+                 "--counts", "1", "1", "0", "0", "--test", "1"]) == 0
+    img = sitk.ReadImage(str(next((fresh_dirs["nnUNet_raw"] / "Dataset981_MixSupSynth" / "imagesTr").iterdir())))
+    assert img.GetSize() == (24, 20, 12) and img.GetSpacing() == (1.0, 1.0, 2.5)
+    assert main(["synthetic-data", "-d", "982", "--size", "24", "20"]) == 1  # 3D needs three values
+    assert "--size needs 3 values" in capsys.readouterr().err
+    assert not (fresh_dirs["nnUNet_raw"] / "Dataset982_MixSupSynth").exists()  # nothing written
+
+
 def test_trainer_found_by_nnunet_and_picklable(monkeypatch):
     monkeypatch.setenv("nnUNet_extTrainer", trainers_path())
     import importlib
