@@ -159,7 +159,8 @@ class MixSupDataLoader(nnUNetDataLoader):
         else:
             allowed = np.ones((k, *shape), dtype=np.int16)
         # padding and the region outside nnU-Net's non-zero crop are background by nnU-Net's convention
-        allowed[:, seg_cropped[0] == -1] = 0
+        # (a broadcast multiply: boolean-mask assignment over K channels cost ~0.3 s per 96x160x160 sample)
+        allowed *= seg_cropped[0] != -1
         return allowed
 
     def image_tags(self, sup: CaseSupervision, properties: dict) -> np.ndarray:
