@@ -476,6 +476,10 @@ class MixSupTrainer_DistAlignCutMix(MixSupTrainer_CutMix, MixSupTrainer_DistAlig
     one changes what the teacher says, the other what the student sees. The teacher aligns its
     probabilities on the unmixed batch, the mixed pseudo labels then follow CutMix's path. Cost per
     step and DDP behaviour are those of the two parents. Attributes: both parents'.
+
+    cpu-mini, session 15, 5 seeds side by side with the mask-only baseline: 0.797 +- 0.015 mean
+    Dice against 0.806 +- 0.021 (-0.9 +- 3.6 points; +5.0 on seed 0, -0.2 to -4.0 on the others).
+    The combination does not add up; not the default.
     """
 
 
