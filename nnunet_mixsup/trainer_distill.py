@@ -362,9 +362,11 @@ class MixSupTrainer(MixSupTrainer_MaskFirst_StockDS):
     and a ramped entropy term on unlabelled ones. It is the best of the schemes measured with 3
     seeds in sessions 11-13 (+4.7 Dice points over the previous default ``MixSupTrainer_WeakOnly``)
     but not above the mask-only baseline on the cpu-mini benchmark: +0.0 +- 2.1 points in session
-    13, -1.5 +- 1.1 when retrained side by side in session 14 (docs/BENCHMARKS.md).
-    ``MixSupTrainer_CutMix`` (+0.7) and ``MixSupTrainer_DistAlign`` (+1.3) were above it there,
-    too little over 3 seeds to switch. Change the default only with numbers.
+    13, -1.5 +- 1.1 when retrained side by side in session 14, -1.0 +- 2.7 over 5 seeds in
+    session 15 (docs/BENCHMARKS.md). ``MixSupTrainer_CutMix`` (+0.7) and ``MixSupTrainer_DistAlign``
+    (+1.3) were above it in session 14, too little over 3 seeds to switch; both together
+    (``MixSupTrainer_DistAlignCutMix``) matched it over 5 seeds in session 15 (-0.9 +- 3.6 vs the
+    baseline). Change the default only with numbers.
     """
 
 
