@@ -15,13 +15,13 @@ every ramp at full weight and a delayed self-training phase started (the default
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -65,20 +65,6 @@ def at_full_schedule(trainer) -> None:
             raise RuntimeError(f"{type(trainer).__name__}: self-training did not start at the last epoch")
 
 
-@contextlib.contextmanager
-def _single_process_loaders():
-    """nnU-Net's loaders in the calling process (``nnUNet_n_proc_DA=0``) for the duration."""
-    old = os.environ.get("nnUNet_n_proc_DA")
-    os.environ["nnUNet_n_proc_DA"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["nnUNet_n_proc_DA"]
-        else:
-            os.environ["nnUNet_n_proc_DA"] = old
-
-
 def bench_speed(dataset: int | str, config: str, plans_name: str, trainers: list[str], steps: int = 10,
                 warmup: int = 2, device: str = "cpu", loader_batches: int | None = None) -> list[dict]:
     """Return one row per trainer: median step time, ratio, loader batches/s, peak memory.
@@ -102,7 +88,8 @@ def bench_speed(dataset: int | str, config: str, plans_name: str, trainers: list
     for name in trainers:
         torch.manual_seed(0)
         tr = _make_trainer(name, plans, config, dj, dev)
-        with _single_process_loaders():  # background workers would hand over pre-filled queues, not a rate
+        # in this process: background workers would hand over pre-filled queues, not a rate
+        with mock.patch.dict(os.environ, {"nnUNet_n_proc_DA": "0"}):
             dl_tr, dl_val = tr.get_dataloaders()
         t0 = time.perf_counter()
         batches[name] = [next(dl_tr) for _ in range(n_batches)]

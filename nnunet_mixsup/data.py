@@ -159,7 +159,7 @@ class MixSupDataLoader(nnUNetDataLoader):
         else:
             allowed = np.ones((k, *shape), dtype=np.int16)
         # padding and the region outside nnU-Net's non-zero crop are background by nnU-Net's convention
-        # (a broadcast multiply: boolean-mask assignment over K channels cost ~0.3 s per 96x160x160 sample)
+        # (a broadcast multiply: boolean-mask assignment over K channels cost ~0.13 s per 191x257x219 crop)
         allowed *= seg_cropped[0] != -1
         return allowed
 

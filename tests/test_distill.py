@@ -31,10 +31,11 @@ def _trainer(cls_name, info, config, device="cpu", **attrs):
     return tr
 
 
-def _batches(tr, n):
+def _batches(tr, n, val=False):
+    """``n`` batches of the trainer's own training (or validation) loader; both loaders are closed."""
     dl_tr, dl_val = tr.get_dataloaders()
     try:
-        return [next(dl_tr) for _ in range(n)]
+        return [next(dl_val if val else dl_tr) for _ in range(n)]
     finally:
         for d in (dl_tr, dl_val):
             if hasattr(d, "_finish"):
@@ -43,6 +44,17 @@ def _batches(tr, n):
 
 def _state(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same_training_state(tr, tr2):
+    """Network, every extra module and the SGD momentum of ``tr2`` (reloaded) equal those of ``tr``."""
+    for a, b in [(tr.network, tr2.network)] + [(tr.extra_modules[k], tr2.extra_modules[k]) for k in tr.extra_modules]:
+        sa, sb = _state(a), _state(b)
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), type(tr).__name__
+    oa, ob = tr.optimizer.state_dict(), tr2.optimizer.state_dict()
+    for k in oa["state"]:
+        assert torch.equal(oa["state"][k]["momentum_buffer"], ob["state"][k]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("cls_name", DISTILL)
@@ -70,15 +82,10 @@ def test_checkpoint_resumes_exactly(cls_name, planned_2d, tmp_path):
 
     tr2 = _trainer(cls_name, planned_2d, "2d")
     tr2.load_checkpoint(f)
-    for a, b in [(tr.network, tr2.network)] + [(tr.extra_modules[k], tr2.extra_modules[k]) for k in tr.extra_modules]:
-        sa, sb = _state(a), _state(b)
-        assert sa.keys() == sb.keys()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    _assert_same_training_state(tr, tr2)
     oa, ob = tr.optimizer.state_dict(), tr2.optimizer.state_dict()
     trainable_extra = any(p.requires_grad for m in tr.extra_modules.values() for p in m.parameters())
     assert len(oa["param_groups"]) == len(ob["param_groups"]) == 1 + trainable_extra
-    for k in oa["state"]:
-        assert torch.equal(oa["state"][k]["momentum_buffer"], ob["state"][k]["momentum_buffer"])
     # the same batch gives the same loss afterwards: nothing was lost
     tr.current_epoch += 1  # nnU-Net saves at the end of an epoch and stores current_epoch + 1
     assert tr2.current_epoch == tr.current_epoch

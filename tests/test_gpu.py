@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_distill import _batches, _state, _trainer
+from test_distill import _assert_same_training_state, _batches, _trainer
 
 from nnunet_mixsup.bench_speed import at_full_schedule, bench_speed
 
@@ -38,16 +38,6 @@ def _on_device(tr) -> None:
             assert t.device.type == want, f"{type(tr).__name__}: {name} is on {t.device}, not {want}"
 
 
-def _val_batch(tr) -> dict:
-    dl_tr, dl_val = tr.get_dataloaders()
-    try:
-        return next(dl_val)
-    finally:
-        for d in (dl_tr, dl_val):
-            if hasattr(d, "_finish"):
-                d._finish()
-
-
 @pytest.mark.parametrize("cls_name", TRAINERS)
 @pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
 def test_amp_train_and_validation_steps_at_full_schedule(cls_name, which, config, request):
@@ -61,7 +51,7 @@ def test_amp_train_and_validation_steps_at_full_schedule(cls_name, which, config
         for k in getattr(tr, "loss_term_names", ()):
             assert np.isfinite(out[f"loss_{k}"]), (cls_name, k)
     _on_device(tr)  # nothing was moved back or re-created on the CPU by the step
-    v = tr.validation_step(_val_batch(tr))
+    v = tr.validation_step(_batches(tr, 1, val=True)[0])
     assert np.isfinite(v["loss"])
     assert np.asarray(v["tp_hard"]).shape == np.asarray(v["fp_hard"]).shape
 
@@ -78,15 +68,9 @@ def test_checkpoint_round_trip_with_grad_scaler(cls_name, planned_2d, tmp_path):
     tr2 = _trainer(cls_name, planned_2d, "2d", device=DEVICE)
     tr2.load_checkpoint(f)
     _on_device(tr2)
-    for a, b in [(tr.network, tr2.network)] + [(tr.extra_modules[k], tr2.extra_modules[k]) for k in tr.extra_modules]:
-        sa, sb = _state(a), _state(b)
-        assert sa.keys() == sb.keys()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa), cls_name
+    _assert_same_training_state(tr, tr2)
     if tr.grad_scaler is not None:
         assert tr2.grad_scaler.state_dict() == tr.grad_scaler.state_dict()
-    for k in tr.optimizer.state_dict()["state"]:
-        assert torch.equal(tr.optimizer.state_dict()["state"][k]["momentum_buffer"],
-                           tr2.optimizer.state_dict()["state"][k]["momentum_buffer"])
     tr.current_epoch += 1  # nnU-Net stores current_epoch + 1
     b = _batches(tr, 1)[0]
     torch.manual_seed(0)
