@@ -68,6 +68,17 @@ class FeatureTap:
         return v
 
 
+def batch_subset_pays(n_rows: int, n_total: int, device: torch.device) -> bool:
+    """Whether a forward pass over ``n_rows`` of a batch of ``n_total`` is cheaper than over the whole batch.
+
+    True whenever rows are saved, except for a single row on the CPU: torch's CPU convolution sends
+    one-sample inputs of small patches to its native kernel instead of oneDNN (``use_mkldnn`` in
+    ATen's Convolution.cpp), measured 4-5x slower per 3D convolution at 20x32x40 with 32 channels
+    than the two-sample batch - so there one row costs more than two (docs/BENCHMARKS.md).
+    """
+    return n_rows < n_total and (device.type != "cpu" or n_rows > 1)
+
+
 def linear_rampup(epoch: int, length: int) -> float:
     """0 -> 1 linearly over ``length`` epochs (1 from the start if ``length`` <= 0)."""
     return 1.0 if length <= 0 else min(1.0, (epoch + 1) / length)
@@ -145,14 +156,44 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         return modules
 
     @torch.no_grad()
-    def teacher_pseudo_labels(self, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
-                              weak: torch.Tensor) -> torch.Tensor:
-        """Real labels where known; on weak samples, confident constrained teacher labels elsewhere."""
+    def teacher_probs(self, data: torch.Tensor) -> torch.Tensor:
+        """(N, C, *spatial) float32 softmax of the EMA teacher on ``data`` + Gaussian noise (``teacher_noise_std``)."""
         teacher = self.extra_modules["teacher"]
         noisy = data + self.teacher_noise_std * torch.randn_like(data) if self.teacher_noise_std > 0 else data
-        probs = torch.softmax(as_list(teacher(noisy))[0].float(), dim=1)
-        probs = constrain_pseudo_labels(probs, allowed0.float())
-        return pseudo_label_map(probs, seg0, self.label_manager.ignore_label, self.pseudo_threshold, weak)
+        return torch.softmax(as_list(teacher(noisy))[0].float(), dim=1)
+
+    def adjust_teacher_probs(self, probs: torch.Tensor, seg0: torch.Tensor, weak: torch.Tensor,
+                             rows: torch.Tensor) -> torch.Tensor:
+        """Hook between the teacher's softmax on the batch ``rows`` and the weak-label constraint (identity here)."""
+        return probs
+
+    @torch.no_grad()
+    def teacher_pseudo_labels(self, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
+                              weak: torch.Tensor) -> torch.Tensor:
+        """Real labels where known; on the ``weak`` samples, confident constrained teacher labels elsewhere.
+
+        The teacher runs on the ``weak`` rows only where that is cheaper (:func:`batch_subset_pays`):
+        every other row keeps its real labels, so its output there would be thrown away. The teacher
+        is in eval mode and nnU-Net's networks normalise per sample (instance norm), so a row's
+        output does not depend on the rest of the batch - the same pseudo labels as a full-batch
+        pass (tested) at the weak rows' share of the cost. No collective operation is involved, so
+        DDP ranks may differ in their number of weak rows.
+        """
+        pseudo = seg0.clone()
+        rows = weak.nonzero().flatten()
+        if rows.numel() == 0:
+            return pseudo
+        if not batch_subset_pays(rows.numel(), weak.numel(), data.device):
+            rows = torch.arange(weak.numel(), device=weak.device)
+        probs = self.teacher_probs(data[rows])
+        probs = constrain_pseudo_labels(self.adjust_teacher_probs(probs, seg0, weak, rows), allowed0[rows].float())
+        pseudo[rows] = pseudo_label_map(probs, seg0[rows], self.label_manager.ignore_label, self.pseudo_threshold,
+                                        weak[rows])
+        return pseudo
+        probs = self.adjust_teacher_probs(self.teacher_probs(data[rows]), seg0, weak)
+        probs = constrain_pseudo_labels(probs, allowed0[rows].float())
+        pseudo[rows] = pseudo_label_map(probs, seg0[rows], self.label_manager.ignore_label, self.pseudo_threshold)
+        return pseudo
 
     def pseudo_samples(self, batch: dict, device: torch.device) -> torch.Tensor:
         """(B,) bool: the samples whose unknown voxels get pseudo labels (kinds in ``pseudo_types``)."""
@@ -457,17 +498,18 @@ class MixSupTrainer_DistAlign(MixSupTrainer):
         return modules
 
     @torch.no_grad()
-    def teacher_pseudo_labels(self, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
-                              weak: torch.Tensor) -> torch.Tensor:
-        teacher, align = self.extra_modules["teacher"], self.extra_modules["dist_align"]
-        noisy = data + self.teacher_noise_std * torch.randn_like(data) if self.teacher_noise_std > 0 else data
-        probs = torch.softmax(as_list(teacher(noisy))[0].float(), dim=1)
-        is_weak = weak.view(-1, *([1] * (seg0.ndim - 1))).expand_as(seg0)  # (B, 1, *spatial)
-        has_label = seg0 != self.label_manager.ignore_label
-        align.update(seg0, has_label & ~is_weak, probs, is_weak)
-        probs = torch.where(is_weak, align(probs), probs)
-        probs = constrain_pseudo_labels(probs, allowed0.float())
-        return pseudo_label_map(probs, seg0, self.label_manager.ignore_label, self.pseudo_threshold, weak)
+    def adjust_teacher_probs(self, probs: torch.Tensor, seg0: torch.Tensor, weak: torch.Tensor,
+                             rows: torch.Tensor) -> torch.Tensor:
+        """Update the running distributions (real labels of the mask rows, ``probs`` of the weak rows), then align.
+
+        Aligning the non-weak ``rows`` too (when the teacher ran on the whole batch) changes nothing:
+        their pseudo labels are discarded.
+        """
+        align = self.extra_modules["dist_align"]
+        per_row = (-1, *([1] * (seg0.ndim - 1)))  # (B,) -> (B, 1, 1, ...)
+        has_label = (seg0 != self.label_manager.ignore_label) & ~weak.view(per_row)
+        align.update(seg0, has_label, probs, weak[rows].view(per_row).expand_as(probs[:, :1]))
+        return align(probs)
 
 
 class MixSupTrainer_DistAlignCutMix(MixSupTrainer_CutMix, MixSupTrainer_DistAlign):

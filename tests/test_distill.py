@@ -257,6 +257,49 @@ def test_cutmix_student_sees_mixed_weak_samples_teacher_the_unmixed_batch(which,
     assert torch.equal(seen[0], data)
 
 
+@pytest.mark.parametrize("which,config", [("planned_2d", "2d"), ("planned_3d", "3d_fullres")])
+def test_teacher_runs_on_the_weak_rows_only_with_full_batch_pseudo_labels(which, config, request, monkeypatch):
+    import nnunet_mixsup.trainer_distill as TD
+    from nnunet_mixsup.bench_speed import at_full_schedule
+    from nnunet_mixsup.losses import constrain_pseudo_labels
+
+    tr = _trainer("MixSupTrainer", request.getfixturevalue(which), config, teacher_noise_std=0.0)
+    at_full_schedule(tr)  # self-training started: mixed batches
+    b = next(b for b in _batches(tr, 8) if (b["sup_type"] == TYPE_CODES["mask"]).any()
+             and (b["sup_type"] != TYPE_CODES["mask"]).any())
+    seg0, allowed0 = b["target"][0][:, :1], b["target"][0][:, 1:]
+    weak = b["sup_type"] != TYPE_CODES["mask"]
+    ignore = tr.label_manager.ignore_label
+    # reference: the teacher on the whole batch, pseudo labels kept on the weak rows only
+    full = constrain_pseudo_labels(tr.teacher_probs(b["data"]), allowed0.float())
+    expected = pseudo_label_map(full, seg0, ignore, tr.pseudo_threshold, weak)
+    rows_seen = []
+    real = tr.teacher_probs
+    monkeypatch.setattr(tr, "teacher_probs", lambda x: rows_seen.append(x.shape[0]) or real(x))
+    for subset in (True, False):  # the weak rows only / the whole batch (a single row on the CPU)
+        monkeypatch.setattr(TD, "batch_subset_pays", lambda n, total, device, s=subset: s)
+        rows_seen.clear()
+        pseudo = tr.teacher_pseudo_labels(b["data"], seg0, allowed0, weak)
+        assert rows_seen == [int(weak.sum()) if subset else weak.numel()] and int(weak.sum()) < weak.numel()
+        assert (pseudo[weak] != ignore).sum() > (seg0[weak] != ignore).sum()  # something was filled in
+        mismatch = (pseudo != expected).float().mean().item()
+        assert mismatch < 1e-4, mismatch  # equal up to float ties at the threshold
+        assert torch.equal(pseudo[~weak], seg0[~weak])
+    # a batch without weak rows: no teacher pass, the real labels unchanged
+    rows_seen.clear()
+    none = torch.zeros_like(weak)
+    assert torch.equal(tr.teacher_pseudo_labels(b["data"], seg0, allowed0, none), seg0) and not rows_seen
+
+
+def test_batch_subset_pays():
+    from nnunet_mixsup.trainer_distill import batch_subset_pays
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert batch_subset_pays(1, 2, cuda) and batch_subset_pays(3, 12, cpu) and batch_subset_pays(6, 12, cuda)
+    assert not batch_subset_pays(1, 2, cpu)  # one row: torch's slow native CPU convolution
+    assert not batch_subset_pays(2, 2, cuda) and not batch_subset_pays(12, 12, cpu)  # nothing saved
+
+
 def test_dist_align_learns_the_label_distribution_and_is_checkpointed(planned_2d, tmp_path):
     tr = _trainer("MixSupTrainer_DistAlign", planned_2d, "2d")
     tr.num_epochs = 10
