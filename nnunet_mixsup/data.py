@@ -10,6 +10,9 @@ A batch from :class:`MixSupDataLoader` is nnU-Net's batch with extra keys:
   the image tags, or padding). For ``box`` samples the allowed map *is* the per-class union of boxes,
   rasterised before augmentation so that rotation, scaling, elastic deformation and mirroring move
   it exactly as they move the image. Mask samples carry all-ones (their label map says everything).
+  Through nnU-Net's transforms label map and allowed maps travel packed into one channel
+  (:func:`pack_targets`: a mask sample costs what it costs in stock nnU-Net) and are unpacked at
+  the end of :meth:`MixSupDataLoader.generate_train_batch`.
 - ``sup_type``: (B,) long, codes of :data:`nnunet_mixsup.manifest.TYPE_CODES`.
 - ``tags``: (B, K) float, 1 if the class may be present somewhere in the image, 0 if absent.
 - ``keys``: case ids.
@@ -29,6 +32,79 @@ from threadpoolctl import threadpool_limits
 
 from nnunet_mixsup.geometry import box_to_preprocessed, rasterize_boxes_in_patch
 from nnunet_mixsup.manifest import TYPE_CODES, CaseSupervision
+
+ALLOWED_BITS = 15
+"""Allowed maps per int16 code channel (codes 0..32767)."""
+JOINT_MAX_CLASSES = 19
+"""Up to this many foreground classes the label map and all allowed maps share one int32 channel."""
+
+
+def pack_allowed(allowed: np.ndarray) -> np.ndarray:
+    """(K, *s) 0/1 allowed maps -> (ceil(K / 15), *s) int16 codes; bit ``k % 15`` of channel ``k // 15`` is map k."""
+    k = allowed.shape[0]
+    codes = np.zeros((max(1, -(-k // ALLOWED_BITS)), *allowed.shape[1:]), dtype=np.int16)
+    for c in range(k):
+        codes[c // ALLOWED_BITS] |= (allowed[c] != 0).astype(np.int16) << (c % ALLOWED_BITS)
+    return codes
+
+
+def unpack_allowed(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_allowed`: (P, *s) codes -> (K, *s) int16 0/1; negative codes (padding) -> 0."""
+    codes = codes.clamp_min(0)
+    out = torch.empty((k, *codes.shape[1:]), dtype=torch.int16)
+    for c in range(k):
+        out[c] = (codes[c // ALLOWED_BITS] >> (c % ALLOWED_BITS)) & 1
+    return out
+
+
+def pack_targets(seg: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """The segmentation that nnU-Net's transforms see: label map (1, *s) + allowed codes of K classes.
+
+    ``codes``: (P, *s) from :func:`pack_allowed`, or (P, 1, ..., 1) for a code constant over the
+    patch; where the label is -1 nothing is allowed, whatever ``codes`` says there.
+
+    Why: nnU-Net's spatial augmentation resamples a segmentation channel label by label (one
+    ``grid_sample`` per value present), so K separate 0/1 allowed channels next to the label map
+    made the MixSup loader several times slower than stock at GPU patch sizes.
+
+    - K <= :data:`JOINT_MAX_CLASSES`: one int32 channel ``label << K | code`` (``code`` = all K
+      allowed bits), -1 where the label is -1 (nnU-Net's "outside the non-zero crop", which its
+      transforms use for masking and padding). Each value is a label like any other for nnU-Net's
+      transforms. A mask, tag or unlabelled sample has one code inside the crop, so its values are
+      its labels: resampled exactly as stock nnU-Net resamples them, at the same cost. A box sample
+      costs one resampling per (label, code) combination present; where box edges fall inside the
+      interpolation kernel the most-weighted combination wins (separate channels would each take
+      their own majority). Values stay below 2^24, exact in ``grid_sample``'s float32.
+    - More classes: the label map (int16) followed by the :func:`pack_allowed` code channels.
+
+    :func:`unpack_targets` inverts it after the transforms.
+    """
+    if k > JOINT_MAX_CLASSES:
+        return np.concatenate((seg, np.broadcast_to(codes, (codes.shape[0], *seg.shape[1:])) * (seg != -1)),
+                              dtype=np.int16)
+    joint = seg.astype(np.int32)
+    joint <<= k  # -1 becomes -2^k; | code keeps it in [-2^k, 0)
+    for p in range(codes.shape[0]):
+        joint |= codes[p:p + 1].astype(np.int32) << (ALLOWED_BITS * p)  # a constant code broadcasts
+    np.maximum(joint, -1, out=joint)  # every negative value (label -1) back to -1
+    return joint
+
+
+def unpack_targets(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_targets` on a transformed segmentation: (1 + K, *s) int16, label map + K allowed maps.
+
+    Padding introduced by the transforms (-1, or 0 after nnU-Net's ``RemoveLabelTansform``) has
+    label -1 / 0 and nothing allowed.
+    """
+    if k > JOINT_MAX_CLASSES:
+        return torch.cat((x[:1].to(torch.int16), unpack_allowed(x[1:], k)))
+    joint = x[0].to(torch.int32)
+    code = joint.clamp_min(0) & ((1 << k) - 1)
+    out = torch.empty((1 + k, *x.shape[1:]), dtype=torch.int16)
+    out[0] = joint >> k  # arithmetic shift: -1 stays -1
+    for c in range(k):
+        out[1 + c] = (code >> c) & 1
+    return out
 
 
 class MixSupDataLoader(nnUNetDataLoader):
@@ -146,22 +222,24 @@ class MixSupDataLoader(nnUNetDataLoader):
         bbox_lbs = [np.random.randint(lbs[i], ubs[i] + 1) for i in range(len(shape))]
         return bbox_lbs, [bbox_lbs[i] + self.patch_size[i] for i in range(len(shape))]
 
-    def allowed_channels(self, sup: CaseSupervision, boxes: list[tuple[int, np.ndarray, np.ndarray]],
-                         bbox_lbs: Sequence[int], seg_cropped: np.ndarray) -> np.ndarray:
-        """(K, *patch) int16: 1 where each foreground class may be present, 0 where it certainly is not."""
+    def allowed_codes(self, sup: CaseSupervision, boxes: list[tuple[int, np.ndarray, np.ndarray]],
+                      bbox_lbs: Sequence[int], seg_cropped: np.ndarray) -> np.ndarray:
+        """Packed allowed maps (:func:`pack_allowed`) of the K foreground classes in the crop.
+
+        Map k is 1 where class ``foreground_labels[k]`` may be present and 0 where it certainly is
+        not: outside every box of the class (box samples), everywhere for a class absent from the
+        tags (tag samples). Padding and the region outside nnU-Net's non-zero crop (label -1,
+        background by nnU-Net's convention) are excluded by :func:`pack_targets`. Box samples get
+        (P, *crop) codes; every other sample one constant code, (P, 1, ..., 1), so no K-map array
+        is built at the large pre-augmentation crop size.
+        """
         shape = seg_cropped.shape[1:]
         k = len(self.foreground_labels)
         if sup.type == "box":
-            allowed = rasterize_boxes_in_patch(boxes, self.foreground_labels, bbox_lbs, shape)
-        elif sup.type == "tags":
-            present = np.array([c in sup.present for c in self.foreground_labels], dtype=np.int16)
-            allowed = np.broadcast_to(present.reshape((k,) + (1,) * len(shape)), (k, *shape)).copy()
-        else:
-            allowed = np.ones((k, *shape), dtype=np.int16)
-        # padding and the region outside nnU-Net's non-zero crop are background by nnU-Net's convention
-        # (a broadcast multiply: boolean-mask assignment over K channels cost ~0.13 s per 191x257x219 crop)
-        allowed *= seg_cropped[0] != -1
-        return allowed
+            return pack_allowed(rasterize_boxes_in_patch(boxes, self.foreground_labels, bbox_lbs, shape))
+        present = np.ones(k, dtype=np.int16) if sup.type != "tags" else \
+            np.array([c in sup.present for c in self.foreground_labels], dtype=np.int16)
+        return pack_allowed(present.reshape((k,) + (1,) * len(shape)))
 
     def image_tags(self, sup: CaseSupervision, properties: dict) -> np.ndarray:
         """(K,) 1 if the class may be present in the image, 0 if known absent."""
@@ -194,8 +272,8 @@ class MixSupDataLoader(nnUNetDataLoader):
                 bbox = [[a, z] for a, z in zip(bbox_lbs, bbox_ubs)]
                 data_cropped = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
                 seg_np = crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)
-                allowed = self.allowed_channels(sup, boxes, bbox_lbs, seg_np)
-                seg_cropped = torch.from_numpy(np.concatenate((seg_np.astype(np.int16), allowed))).to(torch.int16)
+                codes = self.allowed_codes(sup, boxes, bbox_lbs, seg_np)
+                seg_cropped = torch.from_numpy(pack_targets(seg_np, codes, len(self.foreground_labels)))
                 if self.patch_size_was_2d:
                     data_cropped = data_cropped[:, 0]
                     seg_cropped = seg_cropped[:, 0]
@@ -210,6 +288,7 @@ class MixSupDataLoader(nnUNetDataLoader):
                 is_list = isinstance(seg_sample, list)
                 if not is_list:
                     seg_sample = [seg_sample]
+                seg_sample = [unpack_targets(x, len(self.foreground_labels)) for x in seg_sample]
                 if seg_all is None:
                     seg_all = [torch.empty((self.batch_size, *s.shape), dtype=s.dtype) for s in seg_sample]
                 for s_idx, s in enumerate(seg_sample):

@@ -190,3 +190,68 @@ def test_mask_only_warmup_counts_batches_over_all_workers(planned_2d):
     assert dl.batches_drawn == 6
     dl.mask_only_batches, dl.mask_ids = 100, []  # no mask case at all: no warm-up, never an empty draw
     assert not dl.in_mask_only_warmup() and len(dl.get_indices()) == 4
+
+
+def test_pack_targets_hand_values_and_round_trip():
+    from nnunet_mixsup.data import pack_allowed, pack_targets, unpack_allowed, unpack_targets
+
+    allowed = np.array([[[1, 0], [1, 1]], [[0, 0], [1, 0]], [[1, 1], [1, 0]]], dtype=np.int16)  # K = 3, 2x2
+    codes = pack_allowed(allowed)
+    assert codes.dtype == np.int16 and codes[0].tolist() == [[1 + 4, 4], [1 + 2 + 4, 1]]  # bit k = class k
+    seg = np.array([[[2, 0], [4, -1]]], dtype=np.int16)  # 4 = ignore label, -1 = outside nnU-Net's crop
+    joint = pack_targets(seg, codes, 3)
+    assert np.array_equal(joint, pack_targets(seg, codes * (seg != -1), 3))  # label -1: nothing allowed anyway
+    constant = pack_allowed(np.array([1, 0, 1], dtype=np.int16).reshape(3, 1, 1))  # (1, 1, 1): broadcast
+    assert pack_targets(seg, constant, 3).tolist() == [[[2 * 8 + 5, 5], [4 * 8 + 5, -1]]]
+    assert pack_targets(np.zeros((1, 2, 2), np.int16), constant, 20).shape == (2, 2, 2)  # label + 1 code channel
+    assert joint.dtype == np.int32 and joint.tolist() == [[[2 * 8 + 5, 4], [4 * 8 + 7, -1]]]  # label << K | code
+    back = unpack_targets(torch.from_numpy(joint), 3)
+    assert back.dtype == torch.int16 and back.shape == (4, 2, 2)
+    assert back[0].tolist() == [[2, 0], [4, -1]]
+    assert torch.equal(back[1:], torch.from_numpy(allowed * (seg != -1)))
+    # nnU-Net's RemoveLabelTansform turns padding (-1) into 0: background, nothing allowed
+    assert unpack_targets(torch.zeros((1, 1), dtype=torch.int32), 3)[:, 0].tolist() == [0, 0, 0, 0]
+    # many classes: label map + 15-bit code channels, every code a non-negative int16
+    rng = np.random.default_rng(0)
+    many = (rng.random((20, 3, 4)) < 0.5).astype(np.int16)
+    codes = pack_allowed(many)
+    assert codes.shape == (2, 3, 4) and codes.min() >= 0
+    assert torch.equal(unpack_allowed(torch.from_numpy(codes), 20), torch.from_numpy(many))
+    seg = rng.integers(0, 22, (1, 3, 4)).astype(np.int16)
+    back = unpack_targets(torch.from_numpy(pack_targets(seg, codes, 20)), 20)
+    assert torch.equal(back[0], torch.from_numpy(seg[0])) and torch.equal(back[1:], torch.from_numpy(many))
+    # 19 classes still share one channel, exactly (largest value (20 << 19) | (2^19 - 1) < 2^24)
+    seg = np.full((1, 2), 20, dtype=np.int16)
+    top = pack_targets(seg, pack_allowed(np.ones((19, 2), dtype=np.int16)), 19)
+    assert top.shape == (1, 2) and int(top.max()) == (20 << 19) + 2 ** 19 - 1 < 2 ** 24
+    assert unpack_targets(torch.from_numpy(top), 19)[:, 0].tolist() == [20] + [1] * 19
+
+
+def test_packed_mask_sample_resamples_exactly_like_stock():
+    """A mask sample's packed channel (constant code) goes through nnU-Net's spatial augmentation to
+    exactly the label map stock nnU-Net gets with the same random parameters."""
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
+    from nnunet_mixsup.data import pack_allowed, pack_targets, unpack_targets
+
+    rng = np.random.default_rng(1)
+    seg = np.zeros((1, 30, 40, 36), dtype=np.int16)
+    seg[0, 5:25, 8:32, 6:30] = 1
+    seg[0, 10:20, 14:26, 12:24] = 2
+    seg[0, 12:16, 16:22, 14:20] = 3
+    seg[0, :3] = -1
+    seg[0][rng.random(seg.shape[1:]) < 0.02] = 2  # speckle: many label boundaries
+    codes = pack_allowed(np.ones((3, 1, 1, 1), dtype=np.int16)) * (seg != -1)
+    joint = torch.from_numpy(pack_targets(seg, codes, 3))
+    st = SpatialTransform((24, 32, 28), patch_center_dist_from_border=0, random_crop=False, p_elastic_deform=0,
+                          p_rotation=1, rotation=(-0.5, 0.5), p_scaling=1, scaling=(0.7, 1.4),
+                          bg_style_seg_sampling=False, border_mode_seg="constant", padding_value_seg=-1)
+    image = torch.zeros((1, *seg.shape[1:]))
+    for i in range(3):
+        torch.manual_seed(i)
+        np.random.seed(i)
+        params = st.get_parameters(image=image)
+        stock = st._apply_to_segmentation(torch.from_numpy(seg), **params)
+        ours = unpack_targets(st._apply_to_segmentation(joint, **params), 3)
+        assert torch.equal(ours[0], stock[0])
+        assert torch.equal(ours[1:].bool(), (stock[0] != -1).expand(3, *stock.shape[1:]))
