@@ -557,7 +557,10 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
 
     Attributes:
         teacher_weight, kl_weight, kl_temperature, entropy_weight (inherited),
-        distill_rampup: fraction of the epochs over which KL and entropy ramp up linearly.
+        distill_rampup: fraction of the epochs over which KL and entropy ramp up linearly,
+        teacher_on_mask_slice: backward pass of the teacher decoder on the mask samples only
+            (:meth:`teacher_sliced`; same gradients, single process only, where it pays:
+            :meth:`slice_teacher`).
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -566,6 +569,7 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
         self.teacher_weight = 1.0
         self.kl_weight = 1.0
         self.kl_temperature = 1.0
+        self.teacher_on_mask_slice = True
         self.loss_term_names = ("supervised", "mlds", "negatives", "box", "entropy", "teacher", "kl")
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
@@ -579,21 +583,78 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
 
     def forward_and_loss(self, data, seg, allowed, batch):
         output = as_list(self.network(data))
-        t_out = as_list(self.extra_modules["teacher_decoder"](self.encoder_tap.pop()))
+        skips = self.encoder_tap.pop()
         is_mask, weak = self.sample_groups(batch, data.device)
         terms = self.compute_loss(output, seg, allowed, batch)
-        # teacher: mask samples only, by setting the other samples' targets to the ignore label (not by
-        # slicing the batch: every DDP rank must run the same collectives inside nnU-Net's Dice)
-        seg_t = seg if self.label_manager.ignore_label is None else [self.only(is_mask, x) for x in seg]
-        if self.enable_deep_supervision:
-            terms["teacher"] = self.teacher_weight * self.loss(t_out, seg_t)
+        if self.slice_teacher(is_mask):
+            terms["teacher"], t_logits = self.teacher_sliced(skips, seg, is_mask)
         else:
-            terms["teacher"] = self.teacher_weight * self.fullres_loss(t_out[0], seg_t[0])
+            terms["teacher"], t_logits = self.teacher_full_batch(skips, seg, is_mask)
         ramp = self.distill_ramp()
-        t_probs = constrain_pseudo_labels(torch.softmax(t_out[0].detach().float(), dim=1), allowed[0].float())
+        t_probs = constrain_pseudo_labels(torch.softmax(t_logits.float(), dim=1), allowed[0].float())
         terms["kl"] = ramp * self.kl_weight * self.kl_loss(output[0], torch.log(t_probs), sample_mask=weak)
         terms["entropy"] = ramp * self.entropy_weight * self.entropy_loss(output[0], sample_mask=weak)
         return terms
+
+    def slice_teacher(self, is_mask: torch.Tensor) -> bool:
+        """Whether :meth:`teacher_sliced` runs: ``teacher_on_mask_slice``, single process, an ignore label,
+        and both parts of the batch worth a pass of their own (:func:`batch_subset_pays`: on the CPU
+        two one-sample passes cost more than one two-sample pass)."""
+        if not self.teacher_on_mask_slice or self.is_ddp or self.label_manager.ignore_label is None:
+            return False
+        n, b = int(is_mask.sum()), is_mask.numel()
+        return batch_subset_pays(n, b, is_mask.device) and batch_subset_pays(b - n, b, is_mask.device)
+
+    def teacher_loss(self, t_out: list[torch.Tensor], seg_t: list[torch.Tensor]) -> torch.Tensor:
+        """nnU-Net's loss (with its deep supervision if enabled) of the teacher decoder."""
+        if self.enable_deep_supervision:
+            return self.teacher_weight * self.loss(t_out, seg_t)
+        return self.teacher_weight * self.fullres_loss(t_out[0], seg_t[0])
+
+    def teacher_full_batch(self, skips, seg, is_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher term, detached full-resolution teacher logits), decoding the whole batch.
+
+        The teacher learns from mask samples only because the other samples' targets are the ignore
+        label; every DDP rank runs the same collectives inside nnU-Net's Dice whatever its batch holds.
+        """
+        t_out = as_list(self.extra_modules["teacher_decoder"](skips))
+        seg_t = seg if self.label_manager.ignore_label is None else [self.only(is_mask, x) for x in seg]
+        return self.teacher_loss(t_out, seg_t), t_out[0].detach()
+
+    def teacher_sliced(self, skips, seg, is_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same term and logits as :meth:`teacher_full_batch`, with the backward pass on mask samples only.
+
+        The teacher decoder decodes the mask samples with gradients and the other samples under
+        ``no_grad`` (they only provide KL targets), which saves its backward pass on them. nnU-Net's
+        Dice (``batch_dice`` off) averages over samples and scores a sample whose target is all
+        ignore label as exactly 1, so on the whole batch it is ``n_mask / B`` times the Dice of the
+        mask samples plus a constant; the Dice weight is scaled by that share and the gradients are
+        those of the full-batch term (``tests/test_distill.py`` checks it). The logged term lacks the
+        constant. Single-process only: DDP ranks with different mask counts would disagree on the
+        collectives, so under DDP :meth:`teacher_full_batch` runs.
+        """
+        decoder = self.extra_modules["teacher_decoder"]
+        n, b = int(is_mask.sum()), is_mask.numel()
+        logits = None
+        term = seg[0].new_zeros((), dtype=torch.float32)
+        if n > 0:
+            t_out = as_list(decoder([s[is_mask] for s in skips]))
+            share = 1.0 if self.configuration_manager.batch_dice else n / b
+            dice_weight = self.fullres_loss.weight_dice
+            self.fullres_loss.weight_dice = dice_weight * share
+            try:
+                term = self.teacher_loss(t_out, [x[is_mask] for x in seg])
+            finally:
+                self.fullres_loss.weight_dice = dice_weight
+            logits = t_out[0].new_empty((b, *t_out[0].shape[1:]))
+            logits[is_mask] = t_out[0].detach()
+        if n < b:
+            with torch.no_grad():
+                rest = as_list(decoder([s[~is_mask].detach() for s in skips]))[0]
+            if logits is None:
+                logits = rest.new_empty((b, *rest.shape[1:]))
+            logits[~is_mask] = rest
+        return term, logits
 
 
 class MixSupTrainer_DMD(_TeacherStudentBase):

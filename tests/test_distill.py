@@ -329,6 +329,43 @@ def test_dist_align_learns_the_label_distribution_and_is_checkpointed(planned_2d
         assert torch.equal(v, tr2.extra_modules["dist_align"].state_dict()[k])
 
 
+@pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
+def test_dual_branch_sliced_teacher_has_the_full_batch_gradients(which, config, request, monkeypatch):
+    """The teacher decoder's backward on mask samples only changes nothing but the cost."""
+    import nnunet_mixsup.trainer_distill as TD
+
+    monkeypatch.setattr(TD, "batch_subset_pays", lambda n, total, device: 0 < n < total)  # even 1 row on the CPU
+    tr = _trainer("MixSupTrainer_DualBranch", request.getfixturevalue(which), config)
+    tr.current_epoch = 10 ** 6  # KL and entropy at full weight
+    b = next(b for b in _batches(tr, 12) if (b["sup_type"] == TYPE_CODES["mask"]).any()
+             and (b["sup_type"] != TYPE_CODES["mask"]).any())
+    data = b["data"].to(tr.device)
+    target = [t.to(tr.device) for t in b["target"]]
+    seg, allowed = [t[:, :1] for t in target], [t[:, 1:] for t in target]
+    params = [p for m in (tr.network, tr.extra_modules["teacher_decoder"]) for p in m.parameters()]
+    results = {}
+    for sliced in (False, True):
+        tr.teacher_on_mask_slice = sliced
+        for p in params:
+            p.grad = None
+        terms = tr.forward_and_loss(data, seg, allowed, b)
+        sum(terms.values()).backward()
+        results[sliced] = ({k: float(v.detach()) for k, v in terms.items()},
+                           [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])
+    (t_full, g_full), (t_sliced, g_sliced) = results[False], results[True]
+    assert tr.slice_teacher(b["sup_type"] == TYPE_CODES["mask"])  # the sliced path really ran
+    for k in ("kl", "entropy", "supervised"):
+        assert t_sliced[k] == pytest.approx(t_full[k], rel=1e-5, abs=1e-7), k
+    if tr.configuration_manager.batch_dice:  # sums over the batch: all-ignore samples add nothing
+        assert t_sliced["teacher"] == pytest.approx(t_full["teacher"], rel=1e-5)
+    else:  # per-sample Dice: they add a constant 1 each to the mean, which the sliced term leaves out
+        assert t_sliced["teacher"] != pytest.approx(t_full["teacher"], rel=1e-3)
+    scale = max(float(g.abs().max()) for g in g_full)
+    for a, c in zip(g_full, g_sliced):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5 * scale)
+    assert any(g.abs().sum() > 0 for g in g_sliced[-len(list(tr.extra_modules["teacher_decoder"].parameters())):])
+
+
 def test_dual_branch_shares_the_encoder(planned_2d):
     tr = _trainer("MixSupTrainer_DualBranch", planned_2d, "2d")
     dec = tr.extra_modules["teacher_decoder"]
