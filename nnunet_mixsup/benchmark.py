@@ -914,13 +914,26 @@ class Run:
     n_mask_budget: int
 
 
+def _mix_tag(cfg: BenchmarkConfig) -> str:
+    """Part of a run key naming the mix of the non-mask cases: empty for the default mix, else ``_b<share>t<share>``.
+
+    Runs of different mixes share a work directory (the upper bound is trained once for all of
+    them), so their prediction, evaluation and log names must differ; the default mix keeps the
+    short names of earlier work directories, which therefore still resume.
+    """
+    default_boxes, default_tags, _ = SCENARIOS["mixed"]
+    if (cfg.boxes_share, cfg.tags_share) == (default_boxes, default_tags):
+        return ""
+    return f"_b{cfg.boxes_share:g}t{cfg.tags_share:g}"
+
+
 def _run_list(cfg: BenchmarkConfig, sims: list[SimDataset], dense: DenseDataset,
               sup_counts: dict[int, dict[str, int]]) -> list[Run]:
     runs: list[Run] = []
     for seed in cfg.seeds:
         for sim in (s for s in sims if s.seed == seed):
             c = sup_counts[sim.id]
-            tag = f"m{sim.budget}_s{seed}"
+            tag = f"m{sim.budget}{_mix_tag(cfg)}_s{seed}"
             runs.append(Run(f"{tag}_lower", sim.budget, seed, LOWER, BASELINE_TRAINER, sim.id, sim.name, 1,
                             {"mask": c["mask"], "box": 0, "tags": 0, "none": 0}, sim.counts["mask"]))
             for t in cfg.trainers:
@@ -1206,7 +1219,8 @@ def _do_run(run: Run, label: str, session: Session, cfg: BenchmarkConfig, dense:
     preds = session.out / "predictions"
     pred, tmp = preds / run.key, preds / f".{run.key}.tmp"
     done = pred / "prediction_done.json"
-    if done.is_file() and done.stat().st_mtime >= ckpt.stat().st_mtime:
+    if done.is_file() and done.stat().st_mtime >= ckpt.stat().st_mtime and \
+            _read_json(done).get("checkpoint") == str(ckpt):  # made with this very checkpoint
         session.say(f"{label}: prediction complete, skipping")
     else:
         session.say(f"{label}: predicting {len(dense.test_ids)} test cases")

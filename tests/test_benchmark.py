@@ -203,6 +203,21 @@ def test_no_upper_skips_only_the_upper_bound_runs(tmp_path):
                                                (LOWER, 1), ("MixSupTrainer", 1), ("MixSupTrainer_Thr50", 1)]
 
 
+def test_run_keys_of_different_mixes_do_not_collide(tmp_path):
+    """Another --scenario in the same work directory must not overwrite the predictions of the default mix."""
+    dense = DenseDataset(tmp_path, 960, "Dataset960_x", [f"c{i}" for i in range(10)], ["t0"], [1], {1: "a"}, None,
+                         ".nii.gz")
+    counts = {"mask": 1, "box": 9, "tags": 0, "none": 0}
+    sims = [SimDataset("0.1", 0.1, 0, counts, 961, "Dataset961_x_s0")]
+    sup = {961: counts}
+    keys = {}
+    for args in ([], ["--scenario", "mixed"], ["--scenario", "boxes"], ["--boxes-share", "0.5"]):
+        keys[" ".join(args)] = [r.key for r in _run_list(_cfg("--seeds", "0", *args), sims, dense, sup)]
+    assert keys[""] == keys["--scenario mixed"] == ["m0.1_s0_lower", "m0.1_s0_MixSupTrainer", "s0_upper"]
+    assert keys["--scenario boxes"] == ["m0.1_b1t0_s0_lower", "m0.1_b1t0_s0_MixSupTrainer", "s0_upper"]
+    assert keys["--boxes-share 0.5"][:2] == ["m0.1_b0.5t0.2_s0_lower", "m0.1_b0.5t0.2_s0_MixSupTrainer"]
+
+
 # ------------------------------------------------------------------------------------------------ early checks
 def test_unknown_or_budgetless_trainer_is_refused(monkeypatch):
     monkeypatch.setenv("nnUNet_extTrainer", trainers_path())
