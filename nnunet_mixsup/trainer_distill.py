@@ -190,10 +190,6 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
         pseudo[rows] = pseudo_label_map(probs, seg0[rows], self.label_manager.ignore_label, self.pseudo_threshold,
                                         weak[rows])
         return pseudo
-        probs = self.adjust_teacher_probs(self.teacher_probs(data[rows]), seg0, weak)
-        probs = constrain_pseudo_labels(probs, allowed0[rows].float())
-        pseudo[rows] = pseudo_label_map(probs, seg0[rows], self.label_manager.ignore_label, self.pseudo_threshold)
-        return pseudo
 
     def pseudo_samples(self, batch: dict, device: torch.device) -> torch.Tensor:
         """(B,) bool: the samples whose unknown voxels get pseudo labels (kinds in ``pseudo_types``)."""
@@ -634,26 +630,19 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
         collectives, so under DDP :meth:`teacher_full_batch` runs.
         """
         decoder = self.extra_modules["teacher_decoder"]
-        n, b = int(is_mask.sum()), is_mask.numel()
-        logits = None
-        term = seg[0].new_zeros((), dtype=torch.float32)
-        if n > 0:
-            t_out = as_list(decoder([s[is_mask] for s in skips]))
-            share = 1.0 if self.configuration_manager.batch_dice else n / b
-            dice_weight = self.fullres_loss.weight_dice
-            self.fullres_loss.weight_dice = dice_weight * share
-            try:
-                term = self.teacher_loss(t_out, [x[is_mask] for x in seg])
-            finally:
-                self.fullres_loss.weight_dice = dice_weight
-            logits = t_out[0].new_empty((b, *t_out[0].shape[1:]))
-            logits[is_mask] = t_out[0].detach()
-        if n < b:
-            with torch.no_grad():
-                rest = as_list(decoder([s[~is_mask].detach() for s in skips]))[0]
-            if logits is None:
-                logits = rest.new_empty((b, *rest.shape[1:]))
-            logits[~is_mask] = rest
+        n, b = int(is_mask.sum()), is_mask.numel()  # 0 < n < b: :meth:`slice_teacher` chose this path
+        t_out = as_list(decoder([s[is_mask] for s in skips]))
+        share = 1.0 if self.configuration_manager.batch_dice else n / b
+        dice_weight = self.fullres_loss.weight_dice
+        self.fullres_loss.weight_dice = dice_weight * share
+        try:
+            term = self.teacher_loss(t_out, [x[is_mask] for x in seg])
+        finally:
+            self.fullres_loss.weight_dice = dice_weight
+        logits = t_out[0].new_empty((b, *t_out[0].shape[1:]))
+        logits[is_mask] = t_out[0].detach()
+        with torch.no_grad():
+            logits[~is_mask] = as_list(decoder([s[~is_mask].detach() for s in skips]))[0]
         return term, logits
 
 
