@@ -46,7 +46,7 @@ from nnunet_mixsup.losses import (
     pseudo_label_map,
 )
 from nnunet_mixsup.manifest import TYPE_CODES
-from nnunet_mixsup.mixing import cutmix_pairs, mix
+from nnunet_mixsup.mixing import cutmix_pairs, mix, perturb_intensity
 from nnunet_mixsup.trainer import MixSupTrainer_WeakOnly, as_list, nnUNetTrainer_MixSupDemo, set_budget, unwrap
 
 
@@ -454,12 +454,41 @@ class MixSupTrainer_CutMix(MixSupTrainer):
         partner, cut = cutmix_pairs(selected, data.shape[2:], cell, self.cutmix_area, self.cutmix_prob)
         data, pseudo = mix(data, partner, cut), mix(pseudo, partner, cut)
         seg, allowed = [mix(t, partner, cut) for t in seg], [mix(t, partner, cut) for t in allowed]
-        output = as_list(self.network(data))
+        output = as_list(self.network(self.student_view(data, selected)))
         terms = self.compute_loss(output, seg, allowed, batch)
         if self.fade_box_term:
             terms["box"] = (1.0 - ramp) * terms["box"]
         self.pseudo_label_terms(terms, output, output[0], pseudo, allowed[0], selected, batch)
         return terms
+
+    def student_view(self, data: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Hook: the (already CutMixed) input the student sees; ``selected`` rows carry pseudo labels. Identity here."""
+        return data
+
+
+class MixSupTrainer_StrongView(MixSupTrainer_CutMix):
+    """``MixSupTrainer_CutMix`` whose student also sees random intensity changes on the weak samples.
+
+    FixMatch / UniMatch: the teacher labels a weak view, the student must reproduce the labels on
+    a strong one. nnU-Net's own augmentation happens in the loader, before the batch is split
+    into the two views, so in ``MixSupTrainer_CutMix`` the only difference between them is the
+    pasted rectangle (and the teacher's input noise). Here the student's weak samples also get
+    brightness, contrast, gamma, blur and noise (:func:`~nnunet_mixsup.mixing.perturb_intensity`,
+    each with probability ``strong_view_prob``); no voxel moves, so every target stays valid.
+    Mask samples and the warm-up are untouched; no extra forward pass. Under DDP each rank draws
+    its own perturbations (no collective operation depends on them).
+
+    Attributes (beyond ``MixSupTrainer_CutMix``'s): strong_view_prob.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.strong_view_prob = 0.8
+
+    def student_view(self, data: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """``data`` with :func:`~nnunet_mixsup.mixing.perturb_intensity` on the ``selected`` rows."""
+        return perturb_intensity(data, selected, prob=self.strong_view_prob)
 
 
 class MixSupTrainer_DistAlign(MixSupTrainer):

@@ -257,6 +257,34 @@ def test_cutmix_student_sees_mixed_weak_samples_teacher_the_unmixed_batch(which,
     assert torch.equal(seen[0], data)
 
 
+@pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
+def test_strong_view_student_sees_intensity_changed_weak_samples(which, config, request, monkeypatch):
+    tr = _trainer("MixSupTrainer_StrongView", request.getfixturevalue(which), config, cutmix_prob=0.0,
+                  strong_view_prob=1.0, strong_fraction=0.3)
+    tr.num_epochs = 10
+    n = len(tr.label_manager.foreground_labels)
+    tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * n] * 6
+    tr.current_epoch = 6
+    b = next(b for b in _batches(tr, 12) if bool((b["sup_type"] != TYPE_CODES["mask"]).any()))
+    seen, teacher_in = [], []
+    real_forward, real_teacher = tr.network.forward, tr.teacher_pseudo_labels
+    monkeypatch.setattr(tr.network, "forward", lambda x: (seen.append(x.clone()), real_forward(x))[1])
+    monkeypatch.setattr(tr, "teacher_pseudo_labels",
+                        lambda data, *a: (teacher_in.append(data.clone()), real_teacher(data, *a))[1])
+    out = tr.train_step(b)
+    assert np.isfinite(out["loss"]) and out["loss_pseudo"] != 0.0
+    assert torch.equal(teacher_in[0], b["data"])  # the teacher labels the clean view
+    for i, t in enumerate(b["sup_type"].tolist()):
+        if t == TYPE_CODES["mask"]:
+            assert torch.equal(seen[0][i], b["data"][i])
+        else:
+            assert not torch.allclose(seen[0][i], b["data"][i])
+    tr.current_epoch = 2  # warm-up: no strong view
+    seen.clear()
+    tr.train_step(b)
+    assert torch.equal(seen[0], b["data"])
+
+
 @pytest.mark.parametrize("which,config", [("planned_2d", "2d"), ("planned_3d", "3d_fullres")])
 def test_teacher_runs_on_the_weak_rows_only_with_full_batch_pseudo_labels(which, config, request, monkeypatch):
     import nnunet_mixsup.trainer_distill as TD

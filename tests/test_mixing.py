@@ -1,11 +1,11 @@
-"""CutMix helpers (nnunet_mixsup.mixing): hand values, grid alignment, exactness at coarse scales."""
+"""Student views (nnunet_mixsup.mixing): CutMix hand values, grid alignment, exactness at coarse scales; intensity perturbation."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.nn.functional import interpolate
 
-from nnunet_mixsup.mixing import cutmix_pairs, mix
+from nnunet_mixsup.mixing import _gaussian_blur, cutmix_pairs, mix, perturb_intensity
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -91,3 +91,68 @@ def test_bad_arguments_are_refused():
         cutmix_pairs(c, (8, 8), (2, 2), area=(0.6, 0.3))
     with pytest.raises(ValueError, match="bool"):
         cutmix_pairs(torch.ones(2), (8, 8), (2, 2))
+
+
+# ----------------------------------------------------------------------------- perturb_intensity
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 12, 10), (3, 1, 6, 8, 10)])
+def test_perturb_intensity_changes_selected_rows_only(shape):
+    x = torch.randn(shape)
+    rows = torch.tensor([True, False, True])
+    y = perturb_intensity(x, rows, prob=1.0, generator=_gen(3))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.equal(y[1], x[1])  # bit for bit
+    assert not torch.allclose(y[0], x[0]) and not torch.allclose(y[2], x[2])
+    assert torch.isfinite(y).all()
+    assert torch.equal(perturb_intensity(x, torch.zeros(3, dtype=torch.bool)), x)
+
+
+def test_perturb_intensity_is_the_identity_with_degenerate_ranges():
+    x = torch.randn(2, 1, 8, 8)
+    y = perturb_intensity(x, torch.ones(2, dtype=torch.bool), prob=1.0, brightness=(1, 1), contrast=(1, 1),
+                          gamma=(1, 1), blur_sigma=(0.5, 0.5), noise_std=(0, 0), generator=_gen())
+    # only the blur (probability 1/2 per sample) can act; blurred rows are smoother, unblurred ones equal
+    for i in range(2):
+        if not torch.allclose(y[i], x[i]):
+            assert y[i].diff(dim=-1).abs().mean() < x[i].diff(dim=-1).abs().mean()
+
+
+def test_perturb_intensity_hand_values_brightness_and_contrast():
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0]).reshape(1, 1, 2, 2)
+    one = torch.ones(1, dtype=torch.bool)
+    kw = {"prob": 1.0, "gamma": (1, 1), "noise_std": (0, 0), "blur_sigma": (1e-3, 1e-3)}
+    y = perturb_intensity(x, one, brightness=(2, 2), contrast=(1, 1), **kw)
+    assert torch.allclose(y, 2 * x, atol=1e-5)  # brightness only: x * 2 (blur at sigma 1e-3 is the identity)
+    y = perturb_intensity(x, one, brightness=(1, 1), contrast=(0.5, 0.5), **kw)
+    assert torch.allclose(y, (x - 1.5) * 0.5 + 1.5, atol=1e-5)  # around the mean 1.5
+
+
+def test_perturb_intensity_gamma_keeps_mean_and_sd_and_order():
+    x = torch.randn(1, 1, 16, 16)
+    y = perturb_intensity(x, torch.ones(1, dtype=torch.bool), prob=1.0, brightness=(1, 1), contrast=(1, 1),
+                          gamma=(2, 2), noise_std=(0, 0), blur_sigma=(1e-3, 1e-3))
+    assert torch.allclose(y.mean(), x.mean(), atol=1e-5) and torch.allclose(y.std(), x.std(), atol=1e-5)
+    assert torch.equal(y.flatten().argsort(), x.flatten().argsort())  # monotone: voxel order kept
+    assert not torch.allclose(y, x)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_gaussian_blur_hand_values_and_constants(nd):
+    const = torch.full((2, 1) + (7,) * nd, 3.0)
+    assert torch.allclose(_gaussian_blur(const, torch.tensor([0.5, 1.0])), const)
+    impulse = torch.zeros((1, 1) + (7,) * nd)
+    impulse[(0, 0) + (3,) * nd] = 1.0
+    out = _gaussian_blur(impulse, torch.tensor([1.0]))
+    assert torch.allclose(out.sum(), torch.tensor(1.0), atol=1e-5)  # mass kept away from the border
+    w = torch.exp(-0.5 * torch.arange(-3.0, 4.0) ** 2)
+    w = w / w.sum()  # radius ceil(3 sigma) = 3: the 1D kernel, applied per axis
+    assert torch.allclose(out[(0, 0) + (3,) * nd], w[3] ** nd, atol=1e-6)
+    assert torch.allclose(out[(0, 0) + (3,) * (nd - 1) + (4,)], w[3] ** (nd - 1) * w[4], atol=1e-6)
+
+
+def test_perturb_intensity_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="spatial axes"):
+        perturb_intensity(torch.zeros(2, 8), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rows"):
+        perturb_intensity(torch.zeros(2, 1, 4, 4), torch.ones(3, dtype=torch.bool))

@@ -25,5 +25,6 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_SelfTrain,
     MixSupTrainer_SelfTrainBox,
     MixSupTrainer_Smoke,
+    MixSupTrainer_StrongView,
     MixSupTrainer_Thr50,
 )
