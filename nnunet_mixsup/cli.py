@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for mod in ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",
                 "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed",
-                "nnunet_mixsup.benchmark",
+                "nnunet_mixsup.benchmark", "nnunet_mixsup.audit",
                 "dataset_conversion.cli"):
         try:
             m = importlib.import_module(mod)

@@ -319,3 +319,20 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert main([*argv, "--epochs", "5"]) == 1
     assert "other settings" in capsys.readouterr().err
 
+    # the weak-label audit on the trained runs: the 4 weak training cases, free and constrained, both runs
+    assert main(["weak-label-audit", "--workdir", str(tmp_path)]) == 0, capsys.readouterr().err
+    audit = _csv(res / "weak_label_audit.csv")
+    assert {(r["run"], r["view"]) for r in audit} == {(run, v) for run in ("lower", "MixSupTrainer")
+                                                      for v in ("free", "constrained")}
+    assert len(audit) == 2 * 2 * 4
+    for r in audit:
+        assert all(v == "nan" or 0.0 <= float(v) <= 1.0 for k, v in r.items() if k.startswith("dice_"))
+        assert 0.0 <= float(r["changed"]) <= 1.0
+    assert "constraint gain" in (res / "weak_label_audit.md").read_text()
+    stamps = sorted((res / "audit_predictions").glob("*/*/audit_done.json"))
+    assert len(stamps) == 2
+    before = [p.stat().st_mtime_ns for p in stamps]
+    assert main(["weak-label-audit", "--workdir", str(tmp_path), "--trainers", "lower"]) == 0
+    assert [p.stat().st_mtime_ns for p in stamps] == before  # predictions reused, not redone
+    assert {r["run"] for r in _csv(res / "weak_label_audit.csv")} == {"lower"}
+
