@@ -928,7 +928,12 @@ def _mix_tag(cfg: BenchmarkConfig) -> str:
 
 
 def _run_list(cfg: BenchmarkConfig, sims: list[SimDataset], dense: DenseDataset,
-              sup_counts: dict[int, dict[str, int]]) -> list[Run]:
+              sup_counts: dict[int, dict[str, int]], classes: dict[str, type] | None = None) -> list[Run]:
+    """Every run of the benchmark in order. ``classes``: trainer name -> class (default: this package's
+    trainers); a trainer whose ``trains_on_weak_cases`` is False is charged its mask cases only."""
+    if classes is None:
+        from nnunet_mixsup import trainer, trainer_distill
+        classes = {t: getattr(trainer_distill, t, None) or getattr(trainer, t, None) for t in cfg.trainers}
     runs: list[Run] = []
     for seed in cfg.seeds:
         for sim in (s for s in sims if s.seed == seed):
@@ -937,7 +942,9 @@ def _run_list(cfg: BenchmarkConfig, sims: list[SimDataset], dense: DenseDataset,
             runs.append(Run(f"{tag}_lower", sim.budget, seed, LOWER, BASELINE_TRAINER, sim.id, sim.name, 1,
                             {"mask": c["mask"], "box": 0, "tags": 0, "none": 0}, sim.counts["mask"]))
             for t in cfg.trainers:
-                runs.append(Run(f"{tag}_{t}", sim.budget, seed, t, t, sim.id, sim.name, 0, dict(c), sim.counts["mask"]))
+                used = dict(c) if getattr(classes.get(t), "trains_on_weak_cases", True) else \
+                    {"mask": c["mask"], "box": 0, "tags": 0, "none": 0}
+                runs.append(Run(f"{tag}_{t}", sim.budget, seed, t, t, sim.id, sim.name, 0, used, sim.counts["mask"]))
         if not cfg.upper:
             continue
         runs.append(Run(f"s{seed}_upper", "all", seed, UPPER, BASELINE_TRAINER, dense.id, dense.name, seed,
@@ -1011,7 +1018,7 @@ def _run(cfg: BenchmarkConfig, session: Session, dirs: dict[str, Path], outside_
     np_ = str(cfg.num_processes)
 
     # ---- checks before anything runs: trainers, dense dataset, budgets, settings
-    check_trainers([BASELINE_TRAINER, *cfg.trainers])
+    classes = check_trainers([BASELINE_TRAINER, *cfg.trainers])
     dense_folder = _dense_folder(cfg, session, raw, outside_raw)
     dense = check_dense_dataset(dense_folder)
     session.say(f"dense dataset {dense.name}: {len(dense.case_ids)} training / {len(dense.test_ids)} test cases")
@@ -1131,7 +1138,7 @@ def _run(cfg: BenchmarkConfig, session: Session, dirs: dict[str, Path], outside_
     _write_splits(dense_splits, _dense_splits(dense, n_folds), session, protect=True)
 
     # ---- train, predict, evaluate
-    runs = _run_list(cfg, sims, dense, sup_counts)
+    runs = _run_list(cfg, sims, dense, sup_counts, classes)
     rows: list[dict] = []
     for i, run in enumerate(runs, 1):
         label = f"{i}/{len(runs)} {run.run} (masks {run.budget}, seed {run.seed})" if run.run != UPPER else \

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from os.path import isfile, join
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -106,7 +107,12 @@ class MixSupTrainerBase(nnUNetTrainer):
             (see :meth:`supervised_loss`); weak_supervised_weight: factor of the weak samples' part.
         negative_weight: weight of the certain-negative term (``CertainNegativeLoss``).
         max_consecutive_bad_steps: non-finite losses are skipped; this many in a row stop training.
+
+    Class attribute ``trains_on_weak_cases``: False for trainers that use the mask cases only
+    (``strong_fraction`` 1); the benchmark then charges them the masks' annotation cost only.
     """
+
+    trains_on_weak_cases: ClassVar[bool] = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
@@ -527,6 +533,8 @@ class MixSupTrainer_MLDS(MixSupTrainerBase):
             and MLDS and the certain-negative term serve the weak samples only.
     """
 
+    trains_on_weak_cases: ClassVar[bool] = False
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -643,6 +651,8 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
             which the tightness prior is false (the object's cross-section is smaller than the box
             rectangle near its ends) but "the object occurs in the rectangle" holds - else tightness.
     """
+
+    trains_on_weak_cases: ClassVar[bool] = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature

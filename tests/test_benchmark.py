@@ -203,6 +203,19 @@ def test_no_upper_skips_only_the_upper_bound_runs(tmp_path):
                                                (LOWER, 1), ("MixSupTrainer", 1), ("MixSupTrainer_Thr50", 1)]
 
 
+def test_mask_only_trainers_are_charged_their_masks_only(tmp_path):
+    dense = DenseDataset(tmp_path, 960, "Dataset960_x", [f"c{i}" for i in range(10)], ["t0"], [1], {1: "a"}, None,
+                         ".nii.gz")
+    counts = {"mask": 1, "box": 4, "tags": 2, "none": 3}
+    sims = [SimDataset("0.1", 0.1, 0, counts, 961, "Dataset961_x_s0")]
+    runs = _run_list(_cfg("--seeds", "0", "--no-upper", "--trainers", "MixSupTrainer", "MixSupTrainer_MLDS",
+                          "MixSupTrainer_WeakOnly"), sims, dense, {961: counts})
+    by_run = {r.run: r.counts for r in runs}
+    assert by_run["MixSupTrainer"] == by_run["MixSupTrainer_WeakOnly"] == counts
+    assert by_run["MixSupTrainer_MLDS"] == by_run[LOWER] == {"mask": 1, "box": 0, "tags": 0, "none": 0}
+    assert annotation_cost(by_run["MixSupTrainer_MLDS"]) == 1.0
+
+
 def test_run_keys_of_different_mixes_do_not_collide(tmp_path):
     """Another --scenario in the same work directory must not overwrite the predictions of the default mix."""
     dense = DenseDataset(tmp_path, 960, "Dataset960_x", [f"c{i}" for i in range(10)], ["t0"], [1], {1: "a"}, None,
