@@ -255,6 +255,14 @@ class MixSupTrainerBase(nnUNetTrainer):
         return tr_keys, val_keys
 
     # -------------------------------------------------------------------------------- data
+    def train_batch_size(self) -> int:
+        """Samples per training batch (per DDP rank): the plans' batch size here."""
+        return self.batch_size
+
+    def loader_strong_fraction(self) -> float:
+        """Share of each training batch drawn from mask cases: ``strong_fraction`` here."""
+        return self.strong_fraction
+
     def get_dataloaders(self):
         """nnU-Net's pipeline with :class:`MixSupDataLoader` for training (validation stays stock)."""
         if self.label_manager.has_regions:
@@ -274,10 +282,10 @@ class MixSupTrainerBase(nnUNetTrainer):
             ds_scales, is_cascaded=self.is_cascaded, foreground_labels=self.label_manager.foreground_labels,
             regions=None, ignore_label=self.label_manager.ignore_label)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        dl_tr = MixSupDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                                 supervision=self.load_supervision(),
+        dl_tr = MixSupDataLoader(dataset_tr, self.train_batch_size(), initial_patch_size, patch_size,
+                                 self.label_manager, supervision=self.load_supervision(),
                                  transpose_forward=self.plans_manager.transpose_forward,
-                                 strong_fraction=self.strong_fraction,
+                                 strong_fraction=self.loader_strong_fraction(),
                                  mask_only_batches=self.mask_only_batches_left(),
                                  n_workers=max(1, get_allowed_n_proc_DA()),
                                  oversample_foreground_percent=self.oversample_foreground_percent,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -324,7 +325,12 @@ class MixSupTrainer_MaskFirst(MixSupTrainer_SelfTrain):
     checkpoint, so ``--c`` resumes the same schedule; under DDP every rank logs the same
     (all-gathered) Dice and so takes the same decision.
 
-    Attributes (beyond ``SelfTrain``'s): start_min_dice.
+    With ``weak_batch_extra`` > 0 the mask samples keep the whole batch after the start as well
+    and ``round(weak_batch_extra * B)`` weak samples come on top (labelled and unlabelled batches
+    side by side, as semi-supervised methods train): the supervised part of every step stays that
+    of stock nnU-Net, at the price of a larger batch in the self-training phase.
+
+    Attributes (beyond ``SelfTrain``'s): start_min_dice, weak_batch_extra.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -332,7 +338,23 @@ class MixSupTrainer_MaskFirst(MixSupTrainer_SelfTrain):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.box_weight = 0.0
         self.start_min_dice = 0.5
+        self.weak_batch_extra = 0.0
         self._loaders_in_warmup = False
+
+    def extra_weak_samples(self) -> int:
+        """Weak samples added on top of the plans' batch: 0 without ``weak_batch_extra`` or before the start."""
+        if self.weak_batch_extra <= 0 or self.mask_only_batches_left() > 0:
+            return 0
+        return max(1, round(self.weak_batch_extra * self.batch_size))
+
+    def train_batch_size(self) -> int:
+        """The plans' batch size plus :meth:`extra_weak_samples`."""
+        return self.batch_size + self.extra_weak_samples()
+
+    def loader_strong_fraction(self) -> float:
+        """``strong_fraction``, or the plans' batch size over the enlarged batch when weak samples come on top."""
+        extra = self.extra_weak_samples()
+        return self.strong_fraction if extra == 0 else self.batch_size / (self.batch_size + extra)
 
     def teacher_ready(self, dice_per_class: Sequence[float]) -> bool:
         """Every class's validation pseudo Dice >= ``start_min_dice`` (NaN - class absent from validation - counts as ready)."""
@@ -489,6 +511,40 @@ class MixSupTrainer_StrongView(MixSupTrainer_CutMix):
     def student_view(self, data: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """``data`` with :func:`~nnunet_mixsup.mixing.perturb_intensity` on the ``selected`` rows."""
         return perturb_intensity(data, selected, prob=self.strong_view_prob)
+
+
+class MixSupTrainer_StrongViewAddWeak(MixSupTrainer_StrongView):
+    """``MixSupTrainer_StrongView`` whose self-training batches keep all B mask samples and add B weak ones.
+
+    In ``MixSupTrainer`` the weak samples take half of each batch once self-training starts, so
+    the mask cases get half the gradient stock nnU-Net gives them for the rest of the run
+    (``weak_batch_extra = 1``; see :class:`MixSupTrainer_MaskFirst`). The self-training phase
+    costs about twice the step time. Its control with the same batches but no weak samples is
+    :class:`MixSupTrainer_MaskOnly2x`.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.weak_batch_extra = 1.0
+
+
+class MixSupTrainer_MaskOnly2x(MixSupTrainer):
+    """Control for ``weak_batch_extra``: the mask cases only, the batch doubled from the same epoch on.
+
+    Stock nnU-Net on the mask cases (``strong_fraction = 1``: weak cases are not loaded, no
+    pseudo labels) until the epoch at which ``MixSupTrainer`` would start self-training, then
+    2B mask samples per step. Whatever :class:`MixSupTrainer_StrongViewAddWeak` gains over this
+    comes from the weak cases, not from the larger batch.
+    """
+
+    trains_on_weak_cases: ClassVar[bool] = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.strong_fraction = 1.0
+        self.weak_batch_extra = 1.0
 
 
 class MixSupTrainer_DistAlign(MixSupTrainer):

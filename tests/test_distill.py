@@ -257,6 +257,30 @@ def test_cutmix_student_sees_mixed_weak_samples_teacher_the_unmixed_batch(which,
     assert torch.equal(seen[0], data)
 
 
+@pytest.mark.parametrize("cls_name,weak_rows", [("MixSupTrainer_StrongViewAddWeak", True),
+                                                 ("MixSupTrainer_MaskOnly2x", False)])
+def test_weak_samples_on_top_of_a_full_mask_batch_after_the_start(cls_name, weak_rows, planned_2d):
+    tr = _trainer(cls_name, planned_2d, "2d")
+    tr.num_epochs = 10
+    b = tr.batch_size
+    n = len(tr.label_manager.foreground_labels)
+    log = tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"]
+    log[:] = [[0.0] * n] * 6  # warm-up: nothing found yet
+    tr.current_epoch = 6
+    assert tr.train_batch_size() == b
+    assert all(len(x["sup_type"]) == b and (x["sup_type"] == TYPE_CODES["mask"]).all() for x in _batches(tr, 3))
+    log[:] = [[0.9] * n] * 6  # started
+    assert tr.train_batch_size() == 2 * b and tr.loader_strong_fraction() == 0.5
+    batches = _batches(tr, 4)
+    for x in batches:
+        assert len(x["sup_type"]) == 2 * b and x["data"].shape[0] == 2 * b
+        n_mask = int((x["sup_type"] == TYPE_CODES["mask"]).sum())
+        assert n_mask == (b if weak_rows else 2 * b)  # the mask samples keep the plans' whole batch
+    assert np.isfinite(tr.train_step(batches[0])["loss"])
+    assert tr.trains_on_weak_cases is weak_rows
+    assert len(_batches(tr, 1, val=True)[0]["data"]) == b  # validation keeps the plans' batch
+
+
 @pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
 def test_strong_view_student_sees_intensity_changed_weak_samples(which, config, request, monkeypatch):
     tr = _trainer("MixSupTrainer_StrongView", request.getfixturevalue(which), config, cutmix_prob=0.0,

@@ -21,10 +21,12 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer_DualBranch,
     MixSupTrainer_MaskFirst,
     MixSupTrainer_MaskFirst_StockDS,
+    MixSupTrainer_MaskOnly2x,
     MixSupTrainer_MeanTeacher,
     MixSupTrainer_SelfTrain,
     MixSupTrainer_SelfTrainBox,
     MixSupTrainer_Smoke,
     MixSupTrainer_StrongView,
+    MixSupTrainer_StrongViewAddWeak,
     MixSupTrainer_Thr50,
 )
