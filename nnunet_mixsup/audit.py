@@ -9,7 +9,7 @@ benchmark work directory, where the dense truth of every weak case is known
 
 1. every trained run of a simulated dataset (``lower`` = stock nnU-Net on the mask cases, and
    each MixSup trainer) predicts the dataset's weak training cases with probabilities
-   (stock ``nnUNetv2_predict``);
+   (stock ``nnUNetv2_predict`` without test-time mirroring, as a teacher labels a batch);
 2. per case and class, Dice against the dense truth of the arg-max prediction (``free``) and of
    the arg-max after zeroing the classes the weak labels exclude (``constrained``; the pseudo-label
    constraint of the trainers, :func:`~nnunet_mixsup.losses.constrain_pseudo_labels`, in raw space).
@@ -100,7 +100,7 @@ def _predict(images: Path, cases: Sequence[str], out: Path, dataset: str, traine
              ckpt: Path, device: str, env: dict[str, str]) -> None:
     """Stock ``nnUNetv2_predict`` with probabilities for ``cases``, unless ``out`` holds it for ``ckpt`` already."""
     done = out / "audit_done.json"
-    stamp = {"checkpoint": str(ckpt), "mtime": ckpt.stat().st_mtime, "cases": sorted(cases)}
+    stamp = {"checkpoint": str(ckpt), "mtime": ckpt.stat().st_mtime, "cases": sorted(cases), "tta": False}
     if done.is_file() and json.loads(done.read_text()) == stamp:
         return
     inp = out.parent / f".{out.name}.in"
@@ -113,7 +113,7 @@ def _predict(images: Path, cases: Sequence[str], out: Path, dataset: str, traine
             (inp / f.name).symlink_to(f.resolve())
     cmd = [_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(tmp), "-d", dataset, "-c", cfg["configuration"],
            "-tr", trainer, "-p", cfg["plans_name"], "-f", fold, "-chk", "checkpoint_final.pth", "--save_probabilities",
-           "-npp", "0", "-nps", "0", "-device", device, "--disable_progress_bar"]
+           "--disable_tta", "-npp", "0", "-nps", "0", "-device", device, "--disable_progress_bar"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise AuditError(f"nnUNetv2_predict failed for {trainer} fold {fold} on {dataset}:\n{proc.stderr[-2000:]}")
