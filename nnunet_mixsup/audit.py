@@ -160,9 +160,10 @@ def audit_workdir(workdir: Path, trainers: Sequence[str] | None = None, ids: Seq
     for sim, trainer, fold, ckpt in tqdm(jobs, desc="weak-label audit", unit="run", disable=not show_progress):
         raw = workdir / "nnUNet_raw" / sim["name"]
         manifest = load_manifest(raw / "supervision.json")
-        labels = sorted(int(v) for k, v in json.loads((raw / "dataset.json").read_text())["labels"].items()
-                        if k not in ("background", "ignore"))
-        ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
+        dataset_json = json.loads((raw / "dataset.json").read_text())
+        names = {int(v): k for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")}
+        labels = sorted(names)
+        ending = dataset_json["file_ending"]
         weak = [c for c, s in sorted(manifest.cases.items()) if s.type != "mask"]
         if not weak:
             continue
@@ -178,7 +179,7 @@ def audit_workdir(workdir: Path, trainers: Sequence[str] | None = None, ids: Seq
                 d = r[view]
                 rows.append({"dataset": sim["name"], "seed": sim["seed"], "budget": sim["budget"], "run": run,
                              "fold": fold, "case": c, "type": manifest.cases[c].type, "view": view,
-                             **{f"dice_{k}": v for k, v in d.items()}, "dice_mean": float(np.nanmean(list(d.values()))),
+                             **{f"dice_{names[k]}": v for k, v in d.items()}, "dice_mean": float(np.nanmean(list(d.values()))),
                              "changed": r["changed"]})
     return rows
 
