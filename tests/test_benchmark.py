@@ -349,3 +349,23 @@ def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert [p.stat().st_mtime_ns for p in stamps] == before  # predictions reused, not redone
     assert {r["run"] for r in _csv(res / "weak_label_audit.csv")} == {"lower"}
 
+
+
+@pytest.mark.slow
+def test_gpu_preset_path_end_to_end_on_a_tiny_3d_dataset(tmp_path, capsys, monkeypatch):
+    """The gpu preset (the planner's own 3d_fullres plans, no small network) shrunk to 1 epoch x 2 iterations."""
+    monkeypatch.setenv("nnUNet_mixsup_val_iterations", "2")
+    make_synthetic_dataset(tmp_path / "nnUNet_raw", 962, name="Dense3d", dim=3, counts={"mask": 5}, n_test=1, seed=4)
+    argv = ["benchmark", "--preset", "gpu", "-d", "962", "--workdir", str(tmp_path), "--masks", "2", "--seeds", "0",
+            "--epochs", "1", "--iterations", "2", "-np", "1", "--device", "cpu", "--no-upper", "--id-base", "710"]
+    assert main(argv) == 0, capsys.readouterr().err
+    res = tmp_path / "benchmark_results"
+    bj = json.loads((res / "benchmark.json").read_text())
+    assert (bj["configuration"], bj["plans_name"], bj["small_plans"]) == ("3d_fullres", "nnUNetPlans_mixsupbench", None)
+    rows = _csv(res / "results.csv")
+    assert {r["run"] for r in rows} == {"lower", "MixSupTrainer"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    run_plans = sorted((tmp_path / "nnUNet_results").glob("*/*__nnUNetPlans_mixsupbench__3d_fullres/plans.json"))
+    assert len(run_plans) == 2
+    arch = json.loads(run_plans[0].read_text())["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert arch["features_per_stage"][0] == 32  # nnU-Net's own network, not the small plans
