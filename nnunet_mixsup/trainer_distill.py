@@ -425,7 +425,8 @@ class MixSupTrainer(MixSupTrainer_MaskFirst_StockDS):
     session 15 (docs/BENCHMARKS.md). ``MixSupTrainer_CutMix`` (+0.7) and ``MixSupTrainer_DistAlign``
     (+1.3) were above it in session 14, too little over 3 seeds to switch; both together
     (``MixSupTrainer_DistAlignCutMix``) matched it over 5 seeds in session 15 (-0.9 +- 3.6 vs the
-    baseline). Change the default only with numbers.
+    baseline). ``MixSupTrainer_StrongView`` was above it on 4 of 5 seeds in session 17 (+1.7 points,
+    +0.7 +- 2.8 vs the baseline), not enough to switch. Change the default only with numbers.
     """
 
 
