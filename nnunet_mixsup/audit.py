@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_mixsup.manifest import CaseSupervision, load_manifest
+from nnunet_mixsup.evaluation import labels_from_dataset_json
+from nnunet_mixsup.geometry import rasterize_boxes_in_patch
+from nnunet_mixsup.manifest import CaseSupervision, Manifest, load_manifest
 from nnunet_mixsup.simulate import HIDDEN_LABELS_DIR
 
 LOWER_TRAINER = "nnUNetTrainer_MixSupBudget"
@@ -52,11 +54,9 @@ def allowed_classes(sup: CaseSupervision, shape: tuple[int, ...], num_classes: i
     ``tags``: the present classes everywhere, the others nowhere. ``none`` and ``mask``: everything.
     """
     allowed = np.ones((num_classes, *shape), dtype=bool)
-    if sup.type == "box":
-        allowed[1:] = False
-        for b in sup.boxes:
-            lo, hi = b.numpy_order()
-            allowed[(b.label, *(slice(a, z) for a, z in zip(lo, hi)))] = True
+    if sup.type == "box":  # the whole image as one "patch" of the loader's box rasteriser
+        boxes = [(b.label, *(np.asarray(e) for e in b.numpy_order())) for b in sup.boxes]
+        allowed[1:] = rasterize_boxes_in_patch(boxes, range(1, num_classes), [0] * len(shape), shape, bool)
     elif sup.type == "tags":
         for c in range(1, num_classes):
             allowed[c] = c in sup.present
@@ -91,14 +91,11 @@ def audit_case(probs: np.ndarray, allowed: np.ndarray, ref: np.ndarray, labels: 
             "changed": float((free != constrained).mean())}
 
 
-def _bin(name: str) -> str:
-    from nnunet_mixsup.benchmark import _bin as benchmark_bin
-    return benchmark_bin(name)
-
-
 def _predict(images: Path, cases: Sequence[str], out: Path, dataset: str, trainer: str, fold: str, cfg: dict,
              ckpt: Path, device: str, env: dict[str, str]) -> None:
     """Stock ``nnUNetv2_predict`` with probabilities for ``cases``, unless ``out`` holds it for ``ckpt`` already."""
+    from nnunet_mixsup.benchmark import _bin
+
     done = out / "audit_done.json"
     stamp = {"checkpoint": str(ckpt), "mtime": ckpt.stat().st_mtime, "cases": sorted(cases), "tta": False}
     if done.is_file() and json.loads(done.read_text()) == stamp:
@@ -139,7 +136,7 @@ def audit_workdir(workdir: Path, trainers: Sequence[str] | None = None, ids: Seq
         sims = json.loads((res / "datasets.json").read_text())["datasets"]
     except (OSError, ValueError, KeyError) as e:
         raise AuditError(f"{res} is not a benchmark result folder (benchmark.json / datasets.json): {e}") from e
-    jobs = []
+    jobs: dict[str, list] = {}  # simulated dataset name -> [(sim, trainer, fold, checkpoint)]
     for sim in sims:
         if ids and sim["id"] not in ids:
             continue
@@ -149,7 +146,7 @@ def audit_workdir(workdir: Path, trainers: Sequence[str] | None = None, ids: Seq
             if trainers and trainer not in trainers and not (trainer == LOWER_TRAINER and "lower" in trainers):
                 continue
             for ckpt in sorted(folder.glob("fold_*/checkpoint_final.pth")):
-                jobs.append((sim, trainer, ckpt.parent.name[len("fold_"):], ckpt))
+                jobs.setdefault(sim["name"], []).append((sim, trainer, ckpt.parent.name[len("fold_"):], ckpt))
     if not jobs:
         raise AuditError(f"no trained run of a simulated dataset under {workdir / 'nnUNet_results'} "
                          "(the audit reads the work directory's own nnU-Net folders, not --use-env-dirs ones)")
@@ -157,30 +154,43 @@ def audit_workdir(workdir: Path, trainers: Sequence[str] | None = None, ids: Seq
     env = {**os.environ, **{k: str(workdir / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")},
            "nnUNet_extTrainer": trainers_path()}
     rows: list[dict] = []
-    for sim, trainer, fold, ckpt in tqdm(jobs, desc="weak-label audit", unit="run", disable=not show_progress):
-        raw = workdir / "nnUNet_raw" / sim["name"]
+    progress = tqdm(total=sum(map(len, jobs.values())), desc="weak-label audit", unit="run", disable=not show_progress)
+    for name, runs in jobs.items():
+        raw = workdir / "nnUNet_raw" / name
         manifest = load_manifest(raw / "supervision.json")
         dataset_json = json.loads((raw / "dataset.json").read_text())
-        names = {int(v): k for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")}
-        labels = sorted(names)
-        ending = dataset_json["file_ending"]
+        labels, _, names = labels_from_dataset_json(dataset_json)
         weak = [c for c, s in sorted(manifest.cases.items()) if s.type != "mask"]
-        if not weak:
-            continue
-        out = res / "audit_predictions" / sim["name"] / f"{trainer}_f{fold}"
-        _predict(raw / "imagesTr", weak, out, str(sim["id"]), trainer, fold, cfg, ckpt, device, env)
-        run = "lower" if trainer == LOWER_TRAINER else trainer
-        for c in weak:
-            ref = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / HIDDEN_LABELS_DIR / f"{c}{ending}")))
-            probs = np.load(out / f"{c}.npz")["probabilities"]
-            probs = probs.reshape(probs.shape[0], *ref.shape)  # 2D images: nnU-Net keeps a leading axis of 1
-            r = audit_case(probs, allowed_classes(manifest.cases[c], ref.shape, probs.shape[0]), ref, labels)
-            for view in ("free", "constrained"):
-                d = r[view]
-                rows.append({"dataset": sim["name"], "seed": sim["seed"], "budget": sim["budget"], "run": run,
-                             "fold": fold, "case": c, "type": manifest.cases[c].type, "view": view,
-                             **{f"dice_{names[k]}": v for k, v in d.items()}, "dice_mean": float(np.nanmean(list(d.values()))),
-                             "changed": r["changed"]})
+        refs = {c: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / HIDDEN_LABELS_DIR / f"{c}{dataset_json['file_ending']}")))
+                for c in weak}
+        for sim, trainer, fold, ckpt in runs:
+            progress.update()
+            if weak:
+                rows += _audit_run(sim, trainer, fold, ckpt, raw, weak, refs, manifest, labels, names, res, cfg,
+                                   device, env)
+    progress.close()
+    return rows
+
+
+def _audit_run(sim: dict, trainer: str, fold: str, ckpt: Path, raw: Path, weak: list[str], refs: dict[str, np.ndarray],
+               manifest: Manifest, labels: list[int], names: dict[int, str], res: Path, cfg: dict, device: str,
+               env: dict[str, str]) -> list[dict]:
+    """Rows of one trained run: predict its dataset's weak cases (cached), score free and constrained."""
+    out = res / "audit_predictions" / sim["name"] / f"{trainer}_f{fold}"
+    _predict(raw / "imagesTr", weak, out, str(sim["id"]), trainer, fold, cfg, ckpt, device, env)
+    run = "lower" if trainer == LOWER_TRAINER else trainer
+    rows = []
+    for c in weak:
+        ref = refs[c]
+        probs = np.load(out / f"{c}.npz")["probabilities"]
+        probs = probs.reshape(probs.shape[0], *ref.shape)  # 2D images: nnU-Net keeps a leading axis of 1
+        r = audit_case(probs, allowed_classes(manifest.cases[c], ref.shape, probs.shape[0]), ref, labels)
+        for view in ("free", "constrained"):
+            d = r[view]
+            rows.append({"dataset": sim["name"], "seed": sim["seed"], "budget": sim["budget"], "run": run,
+                         "fold": fold, "case": c, "type": manifest.cases[c].type, "view": view,
+                         **{f"dice_{names[k]}": v for k, v in d.items()}, "dice_mean": float(np.nanmean(list(d.values()))),
+                         "changed": r["changed"]})
     return rows
 
 
