@@ -334,32 +334,37 @@ class MixSupTrainerBase(nnUNetTrainer):
         keep = samples.view(-1, *([1] * (target.ndim - 1)))
         return torch.where(keep, target, torch.full_like(target, self.label_manager.ignore_label))
 
+    def rows_loss(self, loss_fn, output, target, rows: torch.Tensor) -> torch.Tensor:
+        """``loss_fn`` on the batch ``rows`` only, equal in value and gradient to ``loss_fn`` on that sub-batch.
+
+        See :func:`loss_on_rows`; the trainer supplies its ignore label.
+        """
+        return loss_on_rows(loss_fn, output, target, rows, self.label_manager.ignore_label)
+
     def supervised_loss(self, loss_fn, output, target, batch: dict) -> torch.Tensor:
         """nnU-Net's loss (``loss_fn``) on the mask samples + known-voxel CE on the weak samples.
 
         nnU-Net's CE is a mean over every annotated voxel of the batch and its batch Dice sums over
         the batch, so in one call the many certain-background voxels of weak samples (outside their
-        boxes) dilute the mask samples' gradient. Split by group, the first term is exactly
-        nnU-Net's loss on the batch's mask samples. The weak samples get cross-entropy on their
-        known voxels only (:class:`KnownVoxelCrossEntropyLoss`, times ``weak_supervised_weight``;
-        deep-supervision outputs weighted like nnU-Net's): their known voxels are certain
-        background, where a Dice term is degenerate. ``output`` / ``target``: a tensor or a list
-        over deep-supervision scales (as ``loss_fn`` takes them). The mask term is always computed
-        (all-ignore target when the batch has no mask sample: constant) so that every DDP rank
-        runs the same collectives inside nnU-Net's Dice.
+        boxes) would dilute the mask samples' gradient. Split by group, the first term is exactly
+        nnU-Net's loss on the batch's mask samples as a sub-batch (:meth:`rows_loss`, for batch
+        and per-sample Dice alike). The weak samples get cross-entropy on their known voxels only
+        (:class:`KnownVoxelCrossEntropyLoss`, times ``weak_supervised_weight``; deep-supervision
+        outputs weighted like nnU-Net's): their known voxels are certain background, where a Dice
+        term is degenerate. ``output`` / ``target``: a tensor or a list over deep-supervision
+        scales (as ``loss_fn`` takes them).
         """
         if self.label_manager.ignore_label is None or not self.separate_group_losses:
             return loss_fn(output, target)
         many = isinstance(target, (list, tuple))
         dev = (target[0] if many else target).device
         is_mask = batch["sup_type"].to(dev) == TYPE_CODES["mask"]
+        mask_part = self.rows_loss(loss_fn, output, target, is_mask)
         if many:
-            mask_part = loss_fn(output, [self.only(is_mask, t) for t in target])
             weights = self.deep_supervision_weights(len(output))
             weak_part = sum(w * self.weak_ce(o, self.only(~is_mask, t))
                             for w, o, t in zip(weights, output, target) if w > 0)
         else:
-            mask_part = loss_fn(output, self.only(is_mask, target))
             weak_part = self.weak_ce(output, self.only(~is_mask, target))
         return mask_part + self.weak_supervised_weight * weak_part
 
@@ -486,6 +491,44 @@ class MixSupTrainerBase(nnUNetTrainer):
         fig.savefig(join(self.output_folder, "progress_mixsup.png"))
         plt.close(fig)
 
+
+
+def uses_batch_dice(loss_fn: nn.Module) -> bool:
+    """Whether ``loss_fn`` (or a module inside it, e.g. nnU-Net's soft Dice) sums its Dice over the batch."""
+    return any(bool(getattr(m, "batch_dice", False)) for m in loss_fn.modules())
+
+
+def loss_on_rows(loss_fn: nn.Module, output, target, rows: torch.Tensor, ignore_label: int | None) -> torch.Tensor:
+    """``loss_fn(output, target)`` restricted to the batch ``rows``: the value and gradient of the sub-batch.
+
+    ``loss_fn`` is nnU-Net's Dice + CE (optionally inside its ``DeepSupervisionWrapper``);
+    ``output`` / ``target`` are (B, C, *s) / (B, 1, *s) tensors or lists of them over
+    deep-supervision scales; ``rows`` is a (B,) bool tensor. Two routes give exactly the loss of
+    ``loss_fn`` on the sub-batch ``output[rows]``, ``target[rows]``:
+
+    - **Batch Dice** (``batch_dice=True``): the other rows' targets become the ignore label. Ignored
+      voxels add nothing to the Dice sums over the batch nor to CE's mean over annotated voxels, so
+      the value is the sub-batch's. This route is taken because under DDP nnU-Net's batch Dice
+      all-gathers its sums: every rank must call it, whatever its batch holds.
+    - **Per-sample Dice** (``batch_dice=False``, nnU-Net's 3d_fullres when no 3d_lowres is
+      planned): an all-ignore sample scores Dice 1 and enters the mean over samples, which would
+      scale the selected rows' Dice gradient by ``n_rows / B``. The rows are sliced out instead;
+      with none selected the result is a zero connected to the graph. Per-sample Dice runs no
+      collective operation, so DDP ranks may differ in their row counts.
+
+    Without an ignore label the rows are always sliced.
+    """
+    many = isinstance(target, (list, tuple))
+    if ignore_label is not None and uses_batch_dice(loss_fn):
+        def fill(t: torch.Tensor) -> torch.Tensor:
+            return torch.where(rows.view(-1, *([1] * (t.ndim - 1))), t, torch.full_like(t, ignore_label))
+        return loss_fn(output, [fill(t) for t in target] if many else fill(target))
+    outs = list(output) if many else [output]
+    if not bool(rows.any()):
+        return sum(o.sum() for o in outs) * 0
+    if many:
+        return loss_fn([o[rows] for o in output], [t[rows] for t in target])
+    return loss_fn(output[rows], target[rows])
 
 
 def as_list(output) -> list[torch.Tensor]:

@@ -208,11 +208,10 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
                            allowed0: torch.Tensor, selected: torch.Tensor, batch: dict) -> None:
         """``terms["mlds"]`` with the pseudo labels in its pooled targets and ``terms["pseudo"]`` on ``logits``."""
         terms["mlds"] = self.mlds_weight * self.mlds_term(output, pseudo, allowed0, batch)
-        # the pseudo-label term covers the selected samples only (mask samples are in "supervised"); it
-        # is computed even when the batch has none (all-ignore target, constant loss) so that every DDP
-        # rank runs the same collective operations inside nnU-Net's Dice
-        terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.fullres_loss(
-            logits, self.only(selected, pseudo))
+        # the pseudo-label term covers the selected samples only (mask samples are in "supervised"),
+        # exactly as nnU-Net's loss on them as a sub-batch (rows_loss: DDP-safe for batch Dice too)
+        terms["pseudo"] = self.distill_ramp() * self.pseudo_weight * self.rows_loss(
+            self.fullres_loss, logits, pseudo, selected)
 
     def forward_and_loss(self, data, seg, allowed, batch):
         output = as_list(self.network(data))
@@ -687,44 +686,43 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
         n, b = int(is_mask.sum()), is_mask.numel()
         return batch_subset_pays(n, b, is_mask.device) and batch_subset_pays(b - n, b, is_mask.device)
 
-    def teacher_loss(self, t_out: list[torch.Tensor], seg_t: list[torch.Tensor]) -> torch.Tensor:
-        """nnU-Net's loss (with its deep supervision if enabled) of the teacher decoder."""
+    def teacher_loss(self, t_out: list[torch.Tensor], seg_t: list[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's loss (with its deep supervision if enabled) of the teacher decoder on the batch ``rows``.
+
+        Equal to nnU-Net's loss on those rows as a sub-batch (:meth:`rows_loss`); without an
+        ignore label every sample is a mask sample and the whole batch is used.
+        """
         if self.enable_deep_supervision:
-            return self.teacher_weight * self.loss(t_out, seg_t)
-        return self.teacher_weight * self.fullres_loss(t_out[0], seg_t[0])
+            loss_fn, out, tgt = self.loss, t_out, seg_t
+        else:
+            loss_fn, out, tgt = self.fullres_loss, t_out[0], seg_t[0]
+        if self.label_manager.ignore_label is None or bool(rows.all()):
+            return self.teacher_weight * loss_fn(out, tgt)
+        return self.teacher_weight * self.rows_loss(loss_fn, out, tgt, rows)
 
     def teacher_full_batch(self, skips, seg, is_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher term, detached full-resolution teacher logits), decoding the whole batch.
 
-        The teacher learns from mask samples only because the other samples' targets are the ignore
-        label; every DDP rank runs the same collectives inside nnU-Net's Dice whatever its batch holds.
+        The teacher learns from the mask samples only (:meth:`teacher_loss` on their rows).
         """
         t_out = as_list(self.extra_modules["teacher_decoder"](skips))
-        seg_t = seg if self.label_manager.ignore_label is None else [self.only(is_mask, x) for x in seg]
-        return self.teacher_loss(t_out, seg_t), t_out[0].detach()
+        return self.teacher_loss(t_out, seg, is_mask), t_out[0].detach()
 
     def teacher_sliced(self, skips, seg, is_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The same term and logits as :meth:`teacher_full_batch`, with the backward pass on mask samples only.
 
         The teacher decoder decodes the mask samples with gradients and the other samples under
-        ``no_grad`` (they only provide KL targets), which saves its backward pass on them. nnU-Net's
-        Dice (``batch_dice`` off) averages over samples and scores a sample whose target is all
-        ignore label as exactly 1, so on the whole batch it is ``n_mask / B`` times the Dice of the
-        mask samples plus a constant; the Dice weight is scaled by that share and the gradients are
-        those of the full-batch term (``tests/test_distill.py`` checks it). The logged term lacks the
-        constant. Single-process only: DDP ranks with different mask counts would disagree on the
-        collectives, so under DDP :meth:`teacher_full_batch` runs.
+        ``no_grad`` (they only provide KL targets), which saves its backward pass on them. The term
+        is nnU-Net's loss on the mask samples as a sub-batch, as in :meth:`teacher_full_batch`
+        (``tests/test_distill.py`` checks values and gradients). Single-process only: with batch
+        Dice, DDP ranks with different mask counts would disagree on the collectives, so under DDP
+        :meth:`teacher_full_batch` runs.
         """
         decoder = self.extra_modules["teacher_decoder"]
-        n, b = int(is_mask.sum()), is_mask.numel()  # 0 < n < b: :meth:`slice_teacher` chose this path
+        b = is_mask.numel()  # 0 < n_mask < b: :meth:`slice_teacher` chose this path
         t_out = as_list(decoder([s[is_mask] for s in skips]))
-        share = 1.0 if self.configuration_manager.batch_dice else n / b
-        dice_weight = self.fullres_loss.weight_dice
-        self.fullres_loss.weight_dice = dice_weight * share
-        try:
-            term = self.teacher_loss(t_out, [x[is_mask] for x in seg])
-        finally:
-            self.fullres_loss.weight_dice = dice_weight
+        sub = [x[is_mask] for x in seg]
+        term = self.teacher_loss(t_out, sub, torch.ones(len(sub[0]), dtype=torch.bool, device=is_mask.device))
         logits = t_out[0].new_empty((b, *t_out[0].shape[1:]))
         logits[is_mask] = t_out[0].detach()
         with torch.no_grad():

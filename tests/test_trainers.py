@@ -102,26 +102,66 @@ def test_non_finite_loss_is_skipped_then_stops(planned_3d):
     assert np.isfinite(tr.train_step(batch)["loss"])
 
 
-def test_supervised_loss_is_nnunet_loss_per_group(planned_2d):
-    """Mask part: nnU-Net's loss on the mask samples alone; weak part: CE over their known voxels."""
+@pytest.mark.parametrize("which,config,batch_dice", [("planned_2d", "2d", True), ("planned_3d", "3d_fullres", False)])
+def test_supervised_loss_is_nnunet_loss_per_group(which, config, batch_dice, request):
+    """Mask part: nnU-Net's loss on the mask samples alone (batch and per-sample Dice, every scale);
+    weak part: CE over their known voxels."""
     from nnunet_mixsup.manifest import TYPE_CODES
 
-    tr = _trainer("MixSupTrainer", planned_2d, "2d")
+    tr = _trainer("MixSupTrainer", request.getfixturevalue(which), config)
+    assert tr.configuration_manager.batch_dice == batch_dice  # the fixture's plans cover both Dice kinds
     torch.manual_seed(0)
     ign = tr.label_manager.ignore_label
     c = tr.label_manager.num_segmentation_heads
-    out = torch.randn(4, c, 8, 8)
-    seg = torch.randint(0, c, (4, 1, 8, 8))
-    seg[2:, :, :4] = ign  # weak samples: partly unknown
+    spatial = (8, 8) if config == "2d" else (4, 8, 8)
+    scales = [spatial, tuple(max(1, s // 2) for s in spatial)]
+    outs = [torch.randn(4, c, *s, requires_grad=True) for s in scales]
+    segs = [torch.randint(0, c, (4, 1, *s)) for s in scales]
+    for seg in segs:
+        seg[2:, :, :1] = ign  # weak samples: partly unknown
     batch = {"sup_type": torch.tensor([TYPE_CODES["mask"], TYPE_CODES["mask"], TYPE_CODES["box"], TYPE_CODES["none"]])}
-    loss = tr.loss.loss  # nnU-Net's Dice + CE (inside the deep-supervision wrapper)
-    got = tr.supervised_loss(loss, out, seg, batch)
-    known = seg[2:] != ign
-    ce = torch.nn.functional.cross_entropy(out[2:], torch.where(known, seg[2:], 0)[:, 0], reduction="none")
-    want = loss(out[:2], seg[:2]) + tr.weak_supervised_weight * ce[known[:, 0]].mean()
-    assert torch.allclose(got, want, atol=1e-5)
+    ds = tr.loss  # nnU-Net's deep-supervision wrapper around Dice + CE, as the trainer built it
+    weights = tr.deep_supervision_weights(2)
+    ds.weight_factors = weights
+    got = tr.supervised_loss(ds, outs, segs, batch)
+    sub = ds([o[:2] for o in outs], [s[:2] for s in segs])
+    weak = 0
+    for w, o, seg in zip(weights, outs, segs):
+        known = seg[2:] != ign
+        ce = torch.nn.functional.cross_entropy(o[2:], torch.where(known, seg[2:], 0)[:, 0], reduction="none")
+        weak = weak + (w * ce[known[:, 0]].mean() if w > 0 else 0)
+    assert float(got) == pytest.approx(float(sub + tr.weak_supervised_weight * weak), rel=1e-5)
+    g_got = torch.autograd.grad(tr.supervised_loss(ds, outs, segs, batch) - tr.weak_supervised_weight * weak,
+                                outs[0])[0]
+    g_sub = torch.autograd.grad(sub, outs[0])[0]
+    torch.testing.assert_close(g_got[:2], g_sub[:2], rtol=1e-4, atol=1e-7)
     tr.separate_group_losses = False
-    assert torch.allclose(tr.supervised_loss(loss, out, seg, batch), loss(out, seg))
+    assert torch.allclose(tr.supervised_loss(ds, outs, segs, batch), ds(outs, segs))
+
+
+@pytest.mark.parametrize("which,config", [("planned_2d", "2d"), ("planned_3d", "3d_fullres")])
+def test_pseudo_label_term_is_nnunet_loss_on_the_selected_samples(which, config, request):
+    """The self-training term equals nnU-Net's loss on the pseudo-labelled samples as a sub-batch."""
+    from nnunet_mixsup.manifest import TYPE_CODES
+
+    tr = _trainer("MixSupTrainer", request.getfixturevalue(which), config)
+    tr.distill_ramp = lambda: 1.0
+    torch.manual_seed(1)
+    c = tr.label_manager.num_segmentation_heads
+    spatial = (8, 8) if config == "2d" else (4, 8, 8)
+    logits = torch.randn(3, c, *spatial, requires_grad=True)
+    pseudo = torch.randint(0, c, (3, 1, *spatial))
+    pseudo[:, :, :1] = tr.label_manager.ignore_label  # unconfident voxels
+    selected = torch.tensor([False, True, True])
+    batch = {"sup_type": torch.tensor([TYPE_CODES["mask"], TYPE_CODES["box"], TYPE_CODES["tags"]])}
+    tr.mlds_term = lambda *a, **k: logits.sum() * 0
+    terms: dict = {}
+    tr.pseudo_label_terms(terms, [logits], logits, pseudo, torch.ones(3, c - 1, *spatial), selected, batch)
+    want = tr.pseudo_weight * tr.fullres_loss(logits[1:], pseudo[1:])
+    assert float(terms["pseudo"]) == pytest.approx(float(want), rel=1e-5)
+    g = torch.autograd.grad(terms["pseudo"], logits)[0]
+    g_sub = torch.autograd.grad(want, logits)[0]
+    torch.testing.assert_close(g, g_sub, rtol=1e-4, atol=1e-7)
 
 
 def test_box_term_auto_uses_presence_for_slices_of_volumes(planned_3d, planned_2d, monkeypatch):
