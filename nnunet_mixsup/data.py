@@ -15,6 +15,10 @@ A batch from :class:`MixSupDataLoader` is nnU-Net's batch with extra keys:
   the end of :meth:`MixSupDataLoader.generate_train_batch`.
 - ``sup_type``: (B,) long, codes of :data:`nnunet_mixsup.manifest.TYPE_CODES`.
 - ``tags``: (B, K) float, 1 if the class may be present somewhere in the image, 0 if absent.
+- ``axes_kept``: (B,) bool, whether the sample's spatial augmentation kept the image axes (no
+  rotation other than by multiples of 90 degrees): only then are its boxes still tight
+  axis-aligned boxes (:class:`AxesRecordingSpatialTransform`; False when the transforms record
+  nothing, True without transforms).
 - ``keys``: case ids.
 
 Composition: ``strong_fraction`` of every batch is drawn from mask cases and the rest from weak
@@ -27,6 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
@@ -256,6 +262,7 @@ class MixSupDataLoader(nnUNetDataLoader):
         data_all, seg_all = None, None
         sup_types = torch.empty(self.batch_size, dtype=torch.long)
         tags = torch.empty((self.batch_size, len(self.foreground_labels)), dtype=torch.float32)
+        axes_kept = torch.ones(self.batch_size, dtype=torch.bool)
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(selected_keys):
                 force_fg = force[j]
@@ -280,6 +287,7 @@ class MixSupDataLoader(nnUNetDataLoader):
                 if self.transforms is not None:
                     transformed = self.transforms(image=data_cropped, segmentation=seg_cropped)
                     data_sample, seg_sample = transformed["image"], transformed["segmentation"]
+                    axes_kept[j] = bool(transformed.get(AXES_KEPT_KEY, False))
                 else:
                     data_sample, seg_sample = data_cropped, seg_cropped
                 if data_all is None:
@@ -296,4 +304,65 @@ class MixSupDataLoader(nnUNetDataLoader):
                 sup_types[j] = TYPE_CODES[sup.type]
                 tags[j] = torch.from_numpy(self.image_tags(sup, properties))
         target = seg_all if is_list else seg_all[0]
-        return {"data": data_all, "target": target, "keys": selected_keys, "sup_type": sup_types, "tags": tags}
+        return {"data": data_all, "target": target, "keys": selected_keys, "sup_type": sup_types, "tags": tags,
+                "axes_kept": axes_kept}
+
+
+AXES_KEPT_KEY = "mixsup_axes_kept"
+"""Key that :class:`AxesRecordingSpatialTransform` adds to a transformed sample."""
+
+
+def keeps_axes(affine: np.ndarray | None, tol: float = 1e-3) -> bool:
+    """Whether a spatial transform's linear part maps every image axis onto one image axis.
+
+    True for ``None`` (nnU-Net's "no rotation, no scaling"), scalings, mirrorings and rotations by
+    multiples of 90 degrees; False for any other rotation (``tol``: the largest share of a row's
+    absolute sum outside its dominant entry that still counts as aligned, about 0.06 degrees).
+    """
+    if affine is None:
+        return True
+    a = np.abs(np.asarray(affine, dtype=np.float64))
+    big = a.max(axis=1)
+    if np.any(big <= 0) or np.any(a.sum(axis=1) - big > tol * big):
+        return False
+    return len(set(np.argmax(a, axis=1).tolist())) == a.shape[0]
+
+
+class AxesRecordingSpatialTransform(SpatialTransform):
+    """nnU-Net's spatial augmentation, unchanged, that also records whether it kept the image axes.
+
+    A box rasterised before augmentation is rotated with the image. The rotated box still bounds
+    the object (certain negatives outside it stay certain), but it is no longer the tight
+    axis-aligned box of the rotated object, so the tightness prior (every slice through the box
+    extent crosses the object) does not hold for it. Scaling and mirroring keep boxes tight. The
+    sample's dictionary gets ``AXES_KEPT_KEY``: True when no rotation (other than by multiples of
+    90 degrees) and no elastic deformation was applied (:func:`keeps_axes`), so the trainer can
+    apply tightness only where it is true. Parameters and randomness are exactly the parent's.
+    """
+
+    def apply(self, data_dict: dict, **params) -> dict:
+        data_dict = super().apply(data_dict, **params)
+        data_dict[AXES_KEPT_KEY] = keeps_axes(params.get("affine")) and params.get("elastic_offsets") is None
+        return data_dict
+
+
+def record_spatial_axes(transforms: BasicTransform) -> BasicTransform:
+    """``transforms`` with each nnU-Net ``SpatialTransform`` (inside ``ComposeTransforms``) recording its axes.
+
+    The recording transform is the same object state under the subclass
+    :class:`AxesRecordingSpatialTransform` (same parameters, same random draws); nothing else
+    changes. Returns ``transforms`` (modified in place) for chaining.
+    """
+    stack = [transforms]
+    while stack:
+        t = stack.pop()
+        children = getattr(t, "transforms", None)
+        if isinstance(children, list):
+            for i, c in enumerate(children):
+                if type(c) is SpatialTransform:
+                    rec = AxesRecordingSpatialTransform.__new__(AxesRecordingSpatialTransform)
+                    rec.__dict__.update(c.__dict__)
+                    children[i] = rec
+                else:
+                    stack.append(c)
+    return transforms

@@ -45,7 +45,7 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunet_mixsup.data import MixSupDataLoader
+from nnunet_mixsup.data import MixSupDataLoader, record_spatial_axes
 from nnunet_mixsup.losses import (
     BoxPresenceLoss,
     BoxProjectionLoss,
@@ -150,6 +150,7 @@ class MixSupTrainerBase(nnUNetTrainer):
         if not first:
             return
         self.extra_modules = self.build_extra_modules()
+        self._network_fingerprint = weights_fingerprint(unwrap(self.network))
         trainable = [p for m in self.extra_modules.values() for p in m.parameters() if p.requires_grad]
         if trainable:
             self.optimizer.add_param_group({"params": trainable})
@@ -195,6 +196,22 @@ class MixSupTrainerBase(nnUNetTrainer):
                                f"{ckpt.get('trainer_name')!r}. Start without --c or use the matching trainer.")
         for k, m in self.extra_modules.items():
             unwrap(m).load_state_dict(state[k])
+        self._extra_state_loaded = True
+
+    def network_was_replaced(self) -> bool:
+        """True if ``self.network``'s weights changed since :meth:`initialize` built the extra modules.
+
+        That happens when ``nnUNetv2_train -pretrained_weights`` loads weights after
+        ``initialize()``; extra modules copied from the network at build time are then stale.
+        """
+        return not torch.equal(weights_fingerprint(unwrap(self.network)), self._network_fingerprint)
+
+    def start_extra_modules(self) -> None:
+        """Align the extra modules with the network at the start of a new run (nothing here).
+
+        Called by :meth:`on_train_start` unless a checkpoint restored the extra modules (``--c``),
+        i.e. after ``-pretrained_weights`` were loaded into ``self.network``.
+        """
 
     # -------------------------------------------------------------------------------- supervision
     def load_supervision(self) -> dict[str, CaseSupervision]:
@@ -273,11 +290,11 @@ class MixSupTrainerBase(nnUNetTrainer):
         ds_scales = self._get_deep_supervision_scales()
         rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        tr_transforms = self.get_training_transforms(
+        tr_transforms = record_spatial_axes(self.get_training_transforms(  # batch["axes_kept"]: boxes still tight?
             patch_size, rotation_for_DA, ds_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
-            ignore_label=self.label_manager.ignore_label)
+            ignore_label=self.label_manager.ignore_label))
         val_transforms = self.get_validation_transforms(
             ds_scales, is_cascaded=self.is_cascaded, foreground_labels=self.label_manager.foreground_labels,
             regions=None, ignore_label=self.label_manager.ignore_label)
@@ -434,6 +451,8 @@ class MixSupTrainerBase(nnUNetTrainer):
     # -------------------------------------------------------------------------------- logging
     def on_train_start(self):
         super().on_train_start()
+        if self.extra_modules and not getattr(self, "_extra_state_loaded", False):
+            self.start_extra_modules()
         if self.local_rank == 0:
             names = {v: k for k, v in self.dataset_json["labels"].items() if isinstance(v, int)}
             sup = self.load_supervision()
@@ -529,6 +548,29 @@ def loss_on_rows(loss_fn: nn.Module, output, target, rows: torch.Tensor, ignore_
     if many:
         return loss_fn([o[rows] for o in output], [t[rows] for t in target])
     return loss_fn(output[rows], target[rows])
+
+
+def weights_fingerprint(module: nn.Module) -> torch.Tensor:
+    """(n_tensors,) float64 sums of a module's parameters and buffers: cheap change detection."""
+    return torch.stack([v.detach().double().sum().cpu() for v in module.state_dict().values()])
+
+
+def load_pretrained_like_nnunet(target: nn.Module, source: nn.Module) -> int:
+    """Copy ``source``'s weights into ``target`` where names and shapes match, except output layers.
+
+    Mirrors what ``nnUNetv2_train -pretrained_weights`` does to the network (nnU-Net skips the
+    ``.seg_layers.`` of the segmentation heads), for modules built beside it (a second network or
+    decoder). Returns the number of tensors copied.
+    """
+    src = source.state_dict()
+    dst = target.state_dict()
+    n = 0
+    for k, v in dst.items():
+        if ".seg_layers." in f".{k}" or k not in src or src[k].shape != v.shape:
+            continue
+        v.copy_(src[k])
+        n += 1
+    return n
 
 
 def as_list(output) -> list[torch.Tensor]:
@@ -701,6 +743,9 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
             trains on slices of 3D volumes - there a patch holds a cross-section of each 3D box, for
             which the tightness prior is false (the object's cross-section is smaller than the box
             rectangle near its ends) but "the object occurs in the rectangle" holds - else tightness.
+            Tightness applies only to samples whose augmentation kept the image axes
+            (``batch["axes_kept"]``, see :class:`nnunet_mixsup.data.AxesRecordingSpatialTransform`):
+            after a rotation the box still bounds the object but is no longer its tight box.
     """
 
     trains_on_weak_cases: ClassVar[bool] = True
@@ -752,7 +797,11 @@ class MixSupTrainer_WeakOnly(MixSupTrainer_MLDS):
         sup_type = batch["sup_type"].to(output[0].device)
         is_box = sup_type == TYPE_CODES["box"]
         valid = boxes_inside_patch(allowed[0]) & is_box[:, None]
-        box_loss = self.box_presence_loss if self.resolved_box_term() == "presence" else self.box_tightness_loss
+        if self.resolved_box_term() == "presence":
+            box_loss = self.box_presence_loss  # "the object is somewhere in its box" holds for rotated boxes too
+        else:  # a rotated box is not the tight box of the rotated object: tightness only where axes were kept
+            box_loss = self.box_tightness_loss
+            valid = valid & batch["axes_kept"].to(valid.device)[:, None]
         terms["box"] = self.box_weight * box_loss(output[0], allowed[0], valid)
         unlabelled = sup_type == TYPE_CODES["none"]
         terms["entropy"] = self.entropy_weight * self.rampup() * self.entropy_loss(output[0], sample_mask=unlabelled)
