@@ -38,7 +38,6 @@ __all__ = [
     "BoxPresenceLoss",
     "BoxProjectionLoss",
     "CertainNegativeLoss",
-    "DistributionAlignment",
     "EntropyLoss",
     "KLDistillationLoss",
     "KnownVoxelCrossEntropyLoss",
@@ -635,79 +634,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
                                  1.0 - decay)
         for name, t in tb.items():
             t.copy_(sb[name])
-
-
-class DistributionAlignment(nn.Module):
-    """Distribution alignment of pseudo-label probabilities (ReMixMatch, Berthelot et al., ICLR 2020).
-
-    Self-training has nothing that keeps the class proportions of its pseudo labels where the real
-    labels put them, so a boundary between two classes can drift. This module keeps two running
-    class distributions (exponential moving averages with ``momentum``): ``target`` of the real
-    labels, ``current`` of the teacher's probabilities on the samples that get pseudo labels. It
-    rescales those probabilities by ``target / current`` and renormalises over classes, so that on
-    average the pseudo labels follow the labelled class proportions.
-
-    The two distributions are buffers: they are saved with the module's ``state_dict`` (a
-    trainer's checkpoint) and restored with it. Before the first :meth:`update` both are uniform
-    and the module leaves probabilities unchanged.
-
-    Args:
-        num_classes: C, classes including background.
-        momentum: EMA factor of the running distributions, in [0, 1).
-        eps: floor of ``current`` in the ratio (a class the teacher never predicts is not blown up).
-    """
-
-    def __init__(self, num_classes: int, momentum: float = 0.99, eps: float = 1e-6) -> None:
-        super().__init__()
-        if num_classes < 2 or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"need num_classes >= 2 and 0 <= momentum < 1, got {num_classes}, {momentum}")
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("target", torch.full((num_classes,), 1.0 / num_classes))
-        self.register_buffer("current", torch.full((num_classes,), 1.0 / num_classes))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-
-    @torch.no_grad()
-    def update(self, labels: Tensor, label_mask: Tensor, probs: Tensor, prob_mask: Tensor) -> None:
-        """Fold one batch into the running distributions.
-
-        Args:
-            labels: (B, 1, *spatial) integer labels; voxels with ``label_mask`` count towards ``target``.
-            label_mask: (B, 1, *spatial) bool, the voxels with real labels to count (e.g. of mask samples).
-            probs: (B, C, *spatial) teacher probabilities; voxels with ``prob_mask`` count towards ``current``.
-            prob_mask: (B, 1, *spatial) bool, the voxels whose probabilities are to be aligned.
-
-        A side with no selected voxel in this batch is left unchanged. The first batch that has
-        both sides replaces the initial uniform distributions instead of averaging with them.
-        """
-        c = self.target.shape[0]
-        _check_logits(probs, "probs")
-        if probs.shape[1] != c:
-            raise ValueError(f"probs has {probs.shape[1]} classes, the module {c}")
-        lm, pm = label_mask.to(torch.bool), prob_mask.to(torch.bool)
-        new_t = new_c = None
-        if lm.any():
-            lab = labels[lm].long()
-            new_t = torch.bincount(lab[(lab >= 0) & (lab < c)], minlength=c).float().to(self.target.device)
-            new_t = new_t / new_t.sum().clamp_min(1.0)
-        if pm.any():
-            p = probs.float().movedim(1, -1)[pm.squeeze(1)]  # (N, C)
-            new_c = (p.sum(0) / p.shape[0]).to(self.current.device)
-        first = not bool(self.initialised)
-        if first and (new_t is None or new_c is None):
-            return
-        m = 0.0 if first else self.momentum
-        if new_t is not None:
-            self.target.mul_(m).add_(new_t, alpha=1.0 - m)
-        if new_c is not None:
-            self.current.mul_(m).add_(new_c, alpha=1.0 - m)
-        self.initialised.fill_(True)
-
-    def forward(self, probs: Tensor) -> Tensor:
-        """(B, C, *spatial) probabilities rescaled by ``target / current`` per class, summing to 1 over classes."""
-        _check_logits(probs, "probs")
-        ratio = (self.target / self.current.clamp_min(self.eps)).view(1, -1, *([1] * (probs.ndim - 2)))
-        q = probs.float() * ratio.to(probs.device)
-        return q / q.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def constrain_pseudo_labels(probs: Tensor, allowed: Tensor) -> Tensor:

@@ -25,9 +25,8 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
 # every scheme with its own training step or extra module (variants that only change numbers are covered by these)
 TRAINERS = ["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_WeakOnly", "MixSupTrainer_MeanTeacher",
             "MixSupTrainer_SelfTrain", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD", "MixSupTrainer_CutMix",
-            "MixSupTrainer_DistAlign", "MixSupTrainer_StrongViewAddWeak"]
-WITH_EXTRA_STATE = ["MixSupTrainer", "MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD",
-                    "MixSupTrainer_DistAlign"]
+            "MixSupTrainer_StrongViewAddWeak"]
+WITH_EXTRA_STATE = ["MixSupTrainer", "MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"]
 
 
 def _on_device(tr) -> None:

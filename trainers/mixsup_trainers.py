@@ -15,8 +15,6 @@ from nnunet_mixsup.trainer_distill import (  # noqa: F401
     MixSupTrainer,
     MixSupTrainer_CutMix,
     MixSupTrainer_Demo,
-    MixSupTrainer_DistAlign,
-    MixSupTrainer_DistAlignCutMix,
     MixSupTrainer_DMD,
     MixSupTrainer_DualBranch,
     MixSupTrainer_MaskFirst,
