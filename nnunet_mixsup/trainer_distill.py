@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from nnunet_mixsup.losses import (
-    DistributionAlignment,
     EntropyLoss,
     KLDistillationLoss,
     SoftDiceAgreementLoss,
@@ -48,7 +47,14 @@ from nnunet_mixsup.losses import (
 )
 from nnunet_mixsup.manifest import TYPE_CODES
 from nnunet_mixsup.mixing import cutmix_pairs, mix, perturb_intensity
-from nnunet_mixsup.trainer import MixSupTrainer_WeakOnly, as_list, nnUNetTrainer_MixSupDemo, set_budget, unwrap
+from nnunet_mixsup.trainer import (
+    MixSupTrainer_WeakOnly,
+    as_list,
+    load_pretrained_like_nnunet,
+    nnUNetTrainer_MixSupDemo,
+    set_budget,
+    unwrap,
+)
 
 
 class FeatureTap:
@@ -155,6 +161,15 @@ class MixSupTrainer_MeanTeacher(_TeacherStudentBase):
             modules["pseudo_head"] = head
             self.decoder_tap = FeatureTap(net.decoder.stages[-1])
         return modules
+
+    @torch.no_grad()
+    def start_extra_modules(self) -> None:
+        """The EMA teacher starts as a copy of the student as it is when training starts.
+
+        Built in ``initialize()``, the teacher copied the freshly initialised student; with
+        ``-pretrained_weights`` nnU-Net loads the student's weights only afterwards.
+        """
+        self.extra_modules["teacher"].load_state_dict(unwrap(self.network).state_dict())
 
     @torch.no_grad()
     def teacher_probs(self, data: torch.Tensor) -> torch.Tensor:
@@ -421,10 +436,8 @@ class MixSupTrainer(MixSupTrainer_MaskFirst_StockDS):
     seeds in sessions 11-13 (+4.7 Dice points over the previous default ``MixSupTrainer_WeakOnly``)
     but not above the mask-only baseline on the cpu-mini benchmark: +0.0 +- 2.1 points in session
     13, -1.5 +- 1.1 when retrained side by side in session 14, -1.0 +- 2.7 over 5 seeds in
-    session 15 (docs/BENCHMARKS.md). ``MixSupTrainer_CutMix`` (+0.7) and ``MixSupTrainer_DistAlign``
-    (+1.3) were above it in session 14, too little over 3 seeds to switch; both together
-    (``MixSupTrainer_DistAlignCutMix``) matched it over 5 seeds in session 15 (-0.9 +- 3.6 vs the
-    baseline). ``MixSupTrainer_StrongView`` was above it on 4 of 5 seeds in session 17 (+1.7 points,
+    session 15 (docs/BENCHMARKS.md). ``MixSupTrainer_CutMix`` (+0.7) was above it in session 14,
+    too little over 3 seeds to switch. ``MixSupTrainer_StrongView`` was above it on 4 of 5 seeds in session 17 (+1.7 points,
     +0.7 +- 2.8 vs the baseline), not enough to switch. Change the default only with numbers.
     """
 
@@ -547,67 +560,6 @@ class MixSupTrainer_MaskOnly2x(MixSupTrainer):
         self.weak_batch_extra = 1.0
 
 
-class MixSupTrainer_DistAlign(MixSupTrainer):
-    """``MixSupTrainer`` with distribution alignment of the teacher's probabilities on weak samples.
-
-    Session 14 (docs/BENCHMARKS.md) measured that every self-training variant grows white matter
-    into grey matter: nothing keeps the class proportions of the pseudo labels at those of the
-    real labels. Here the teacher's softmax on the weak samples is rescaled by
-    ``target / current`` (:class:`~nnunet_mixsup.losses.DistributionAlignment`): running class
-    frequencies of the mask samples' labels over running mean teacher probabilities on the weak
-    samples, both updated every self-training step (``dist_align_momentum``). Then come the weak-label
-    constraint and the confidence threshold as before. The running distributions are an extra
-    module (buffers only), so ``--c`` restores them; under DDP each rank keeps its own (they only
-    reweight its own pseudo labels; no collective operation depends on them).
-
-    cpu-mini, session 14, 3 seeds: 0.811 +- 0.010 mean Dice, -0.2 points vs the mask-only
-    baseline and +1.3 over ``MixSupTrainer`` (+1.6 / +2.6 / -0.4 per seed). The gain came from the
-    ventricles; the white-matter growth it targets stayed. Too few seeds to make it the default.
-
-    Attributes (beyond ``MixSupTrainer``'s): dist_align_momentum.
-    """
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dist_align_momentum = 0.99
-
-    def build_extra_modules(self) -> dict[str, nn.Module]:
-        modules = super().build_extra_modules()
-        modules["dist_align"] = DistributionAlignment(self.label_manager.num_segmentation_heads,
-                                                      self.dist_align_momentum).to(self.device)
-        return modules
-
-    @torch.no_grad()
-    def adjust_teacher_probs(self, probs: torch.Tensor, seg0: torch.Tensor, weak: torch.Tensor,
-                             rows: torch.Tensor) -> torch.Tensor:
-        """Update the running distributions (real labels of the mask rows, ``probs`` of the weak rows), then align.
-
-        Aligning the non-weak ``rows`` too (when the teacher ran on the whole batch) changes nothing:
-        their pseudo labels are discarded.
-        """
-        align = self.extra_modules["dist_align"]
-        per_row = (-1, *([1] * (seg0.ndim - 1)))  # (B,) -> (B, 1, 1, ...)
-        has_label = (seg0 != self.label_manager.ignore_label) & ~weak.view(per_row)
-        align.update(seg0, has_label, probs, weak[rows].view(per_row).expand_as(probs[:, :1]))
-        return align(probs)
-
-
-class MixSupTrainer_DistAlignCutMix(MixSupTrainer_CutMix, MixSupTrainer_DistAlign):
-    """Both session-14 changes together: distribution-aligned pseudo labels (``MixSupTrainer_DistAlign``)
-    for a CutMixed student (``MixSupTrainer_CutMix``).
-
-    Each gained over ``MixSupTrainer`` on its own (+1.3 and +0.7 points, 3 seeds) by different means:
-    one changes what the teacher says, the other what the student sees. The teacher aligns its
-    probabilities on the unmixed batch, the mixed pseudo labels then follow CutMix's path. Cost per
-    step and DDP behaviour are those of the two parents. Attributes: both parents'.
-
-    cpu-mini, session 15, 5 seeds side by side with the mask-only baseline: 0.797 +- 0.015 mean
-    Dice against 0.806 +- 0.021 (-0.9 +- 3.6 points; +5.0 on seed 0, -0.2 to -4.0 on the others).
-    The combination does not add up; not the default.
-    """
-
-
 class MixSupTrainer_Smoke(MixSupTrainer):
     """A few iterations only: for smoke tests and CI (2 epochs x 4 iterations, 2 validation steps)."""
 
@@ -661,6 +613,12 @@ class MixSupTrainer_DualBranch(_TeacherStudentBase):
         self.kl_loss = KLDistillationLoss(self.kl_temperature)
         self.entropy_loss = EntropyLoss()
         return {"teacher_decoder": decoder}
+
+    @torch.no_grad()
+    def start_extra_modules(self) -> None:
+        """With ``-pretrained_weights``, the teacher decoder starts from the pretrained decoder (output layers fresh)."""
+        if self.network_was_replaced():
+            load_pretrained_like_nnunet(unwrap(self.extra_modules["teacher_decoder"]), unwrap(self.network).decoder)
 
     def forward_and_loss(self, data, seg, allowed, batch):
         output = as_list(self.network(data))
@@ -757,6 +715,12 @@ class MixSupTrainer_DMD(_TeacherStudentBase):
     def build_extra_modules(self) -> dict[str, nn.Module]:
         self.agreement_loss = SoftDiceAgreementLoss(self.dmd_temperature)
         return {"net2": self.fresh_network()}
+
+    @torch.no_grad()
+    def start_extra_modules(self) -> None:
+        """With ``-pretrained_weights``, the second network gets them too (as nnU-Net loads them: fresh output layers)."""
+        if self.network_was_replaced():
+            load_pretrained_like_nnunet(unwrap(self.extra_modules["net2"]), unwrap(self.network))
 
     def forward_and_loss(self, data, seg, allowed, batch):
         out1 = as_list(self.network(data))

@@ -59,7 +59,7 @@ def _fake_trainer():
     return t
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, batch_dice: bool = True) -> None:
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         trainer = _fake_trainer()
         ds_weights = trainer.deep_supervision_weights(2)
         loss = DeepSupervisionWrapper(
-            DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": True}, {}, weight_ce=1,
+            DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": True}, {}, weight_ce=1,
                            weight_dice=1, ignore_label=IGNORE, dice_class=MemoryEfficientSoftDiceLoss), ds_weights)
         net = DDP(TinyDSNet(0))                    # nnU-Net wraps self.network like this (CPU: no device_ids)
         extra = DDP(TinyDSNet(1))                  # MixSupTrainerBase wraps each trainable extra module
@@ -104,9 +104,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_supervised_loss_under_ddp_with_a_rank_without_mask_samples(tmp_path):
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_supervised_loss_under_ddp_with_a_rank_without_mask_samples(tmp_path, batch_dice):
+    """Batch Dice all-gathers (every rank masks and calls it); per-sample Dice slices rows (no collective)."""
     world = 2
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), batch_dice), nprocs=world,
                              join=False, start_method="spawn")
     deadline = 180.0
     t0 = time.monotonic()

@@ -352,35 +352,6 @@ def test_batch_subset_pays():
     assert not batch_subset_pays(2, 2, cuda) and not batch_subset_pays(12, 12, cpu)  # nothing saved
 
 
-def test_dist_align_learns_the_label_distribution_and_is_checkpointed(planned_2d, tmp_path):
-    tr = _trainer("MixSupTrainer_DistAlign", planned_2d, "2d")
-    tr.num_epochs = 10
-    n = len(tr.label_manager.foreground_labels)
-    tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * n] * 6
-    tr.current_epoch = 6
-    da = tr.extra_modules["dist_align"]
-    assert not bool(da.initialised)
-    batches = [b for b in _batches(tr, 8) if (b["sup_type"] == TYPE_CODES["mask"]).any()
-               and (b["sup_type"] != TYPE_CODES["mask"]).any()]
-    b = batches[0]
-    seg0 = b["target"][0][:, :1]
-    allowed0 = b["target"][0][:, 1:]
-    weak = b["sup_type"] != TYPE_CODES["mask"]
-    pseudo = tr.teacher_pseudo_labels(b["data"], seg0, allowed0, weak)
-    counts = torch.bincount(seg0[~weak].long().flatten(), minlength=n + 1).float()
-    assert bool(da.initialised) and torch.allclose(da.target, counts / counts.sum())  # the mask samples' labels
-    for k in range(n):  # still never against a box or a tag
-        assert not ((pseudo[:, 0] == k + 1) & (allowed0[:, k] == 0)).any()
-    out = tr.train_step(b)
-    assert np.isfinite(out["loss"]) and out["loss_pseudo"] != 0.0
-    f = str(tmp_path / "checkpoint_latest.pth")
-    tr.save_checkpoint(f)
-    tr2 = _trainer("MixSupTrainer_DistAlign", planned_2d, "2d")
-    tr2.load_checkpoint(f)
-    for k, v in da.state_dict().items():
-        assert torch.equal(v, tr2.extra_modules["dist_align"].state_dict()[k])
-
-
 @pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
 def test_dual_branch_sliced_teacher_has_the_full_batch_gradients(which, config, request, monkeypatch):
     """The teacher decoder's backward on mask samples only changes nothing but the cost."""
@@ -453,23 +424,38 @@ def test_pseudo_label_map_sample_mask_and_3d():
         pseudo_label_map(probs, target[:, :, :2], 5)
 
 
-def test_dist_align_cutmix_composes_both(planned_2d, monkeypatch):
-    import nnunet_mixsup.trainer_distill as TD
+@pytest.mark.parametrize("cls_name", ["MixSupTrainer", "MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch",
+                                      "MixSupTrainer_DMD"])
+def test_pretrained_weights_reach_teacher_and_second_network(cls_name, planned_2d, tmp_path):
+    """``nnUNetv2_train -pretrained_weights`` loads the student after initialize(); training must start from them.
 
-    tr = _trainer("MixSupTrainer_DistAlignCutMix", planned_2d, "2d", cutmix_prob=1.0, strong_fraction=0.3)
-    assert tr.cutmix_prob == 1.0 and tr.dist_align_momentum == 0.99 and "dist_align" in tr.extra_modules
-    tr.num_epochs = 10
-    n = len(tr.label_manager.foreground_labels)
-    tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * n] * 6
-    tr.current_epoch = 6
-    mixed = []
-    real_mix = TD.mix
-    monkeypatch.setattr(TD, "mix", lambda x, partner, cut: (mixed.append(cut), real_mix(x, partner, cut))[1])
-    aligned = []
-    da = tr.extra_modules["dist_align"]
-    real_update = da.update
-    monkeypatch.setattr(da, "update", lambda *a: (aligned.append(1), real_update(*a))[1])
-    b = next(b for b in _batches(tr, 12) if int((b["sup_type"] != TYPE_CODES["mask"]).sum()) >= 2)
-    out = tr.train_step(b)
-    assert np.isfinite(out["loss"]) and out["loss_pseudo"] != 0.0
-    assert mixed and aligned  # CutMix's forward ran, with DistAlign's teacher
+    The EMA teacher starts as the loaded student; a second network / teacher decoder gets the
+    pretrained weights as nnU-Net loads them (all but the output layers).
+    """
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    donor = _trainer("MixSupTrainer", planned_2d, "2d")
+    with torch.no_grad():
+        for p in donor.network.parameters():
+            p.add_(0.5)  # clearly not a fresh initialisation
+    f = str(tmp_path / "pretrained.pth")
+    donor.save_checkpoint(f)
+    tr = _trainer(cls_name, planned_2d, "2d")
+    load_pretrained_weights(tr.network, f, verbose=False)  # what run_training does after initialize()
+    tr.on_train_start()
+    try:
+        student = tr.network.state_dict()
+        if "teacher" in tr.extra_modules:
+            t = tr.extra_modules["teacher"].state_dict()
+            assert all(torch.equal(t[k], student[k]) for k in student)
+        other = tr.extra_modules.get("net2")
+        prefix = ""
+        if other is None and "teacher_decoder" in tr.extra_modules:
+            other, prefix = tr.extra_modules["teacher_decoder"], "decoder."
+        if other is not None:
+            o = other.state_dict()
+            shared = [k for k in o if ".seg_layers." not in f".{k}"]
+            assert shared and all(torch.equal(o[k], student[prefix + k]) for k in shared)
+            assert not all(torch.equal(o[k], student[prefix + k]) for k in o if k not in shared)
+    finally:
+        tr.on_train_end()
