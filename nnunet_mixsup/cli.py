@@ -1,7 +1,9 @@
 """The ``nnunet-mixsup`` command line: one sub-command per job, each with ``--help``.
 
 Errors are printed as one clear message (no traceback) and give exit code 1; set
-``NNUNET_MIXSUP_DEBUG=1`` to see the traceback.
+``NNUNET_MIXSUP_DEBUG=1`` to see the traceback. Sub-commands of other modules are registered from
+:data:`SUBCOMMAND_MODULES`; if one of them cannot be imported, every invocation fails (exit code 1,
+naming the module) instead of quietly running without that sub-command.
 """
 from __future__ import annotations
 
@@ -13,6 +15,18 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+
+#: modules whose ``register_cli(subparsers)`` adds sub-commands. Every one must import: a module that
+#: cannot (a missing dependency, a syntax error) makes the whole command line fail with a message
+#: naming it, so a broken import never silently removes a sub-command.
+SUBCOMMAND_MODULES = ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",
+                      "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed", "nnunet_mixsup.benchmark",
+                      "nnunet_mixsup.audit", "nnunet_mixsup.importers",
+                      "dataset_conversion.cli")
+
+
+class SubcommandImportError(ImportError):
+    """A module listed in :data:`SUBCOMMAND_MODULES` cannot be imported or registers nothing."""
 
 
 def trainers_path() -> str:
@@ -139,21 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxel spacing in mm, x y [z] (default 3 1 1 in 3D: anisotropic, 1 1 in 2D)")
     s.set_defaults(func=_cmd_synthetic)
 
-    for mod in ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",
-                "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed",
-                "nnunet_mixsup.benchmark", "nnunet_mixsup.audit",
-                "dataset_conversion.cli"):
+    for mod in SUBCOMMAND_MODULES:
         try:
             m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        if hasattr(m, "register_cli"):
-            m.register_cli(sub)
+        except ImportError as e:
+            raise SubcommandImportError(f"cannot import {mod}, which provides sub-commands: {e}") from e
+        if not hasattr(m, "register_cli"):
+            raise SubcommandImportError(f"{mod} has no register_cli(subparsers) function")
+        m.register_cli(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except SubcommandImportError as e:
+        if os.environ.get("NNUNET_MIXSUP_DEBUG"):
+            traceback.print_exc()
+        print(f"nnunet-mixsup: error: broken installation: {e}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(argv)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

@@ -13,17 +13,49 @@ import SimpleITK as sitk
 from nnunet_mixsup.cli import build_parser, trainers_path
 from nnunet_mixsup.splits import mixsup_splits
 
-SUBCOMMANDS = ["trainers-path", "prepare", "plan_and_preprocess", "small-plans", "synthetic-data"]
+#: every sub-command of ``nnunet-mixsup``, listed by hand: a sub-command that disappears (its module no
+#: longer imports or no longer registers it) fails here instead of being skipped
+SUBCOMMANDS = ["trainers-path", "prepare", "plan_and_preprocess", "small-plans", "synthetic-data", "simulate",
+               "demo-data", "evaluate", "demo", "bench-speed", "benchmark", "weak-label-audit", "convert",
+               "import-boxes", "import-tags"]
 
 
-@pytest.mark.parametrize("cmd", SUBCOMMANDS + ["evaluate", "simulate", "demo-data"])
-def test_every_subcommand_has_help(cmd):
-    sub = build_parser()._subparsers._group_actions[0].choices
-    if cmd not in sub:
-        pytest.skip(f"{cmd} not available")
-    r = subprocess.run([sys.executable, "-m", "nnunet_mixsup.cli", cmd, "--help"], capture_output=True, text=True,
+def _registered() -> dict:
+    return build_parser()._subparsers._group_actions[0].choices
+
+
+def test_registered_subcommands_are_exactly_the_listed_ones():
+    assert sorted(_registered()) == sorted(SUBCOMMANDS), "update SUBCOMMANDS when adding or removing a sub-command"
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: nnunet-mixsup {cmd}") and len(out.splitlines()) > 3
+
+
+def test_help_in_a_fresh_interpreter_lists_every_subcommand():
+    r = subprocess.run([sys.executable, "-m", "nnunet_mixsup.cli", "--help"], capture_output=True, text=True,
                        check=False)
-    assert r.returncode == 0 and "usage" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert all(cmd in r.stdout for cmd in SUBCOMMANDS)
+
+
+def test_broken_subcommand_module_fails_loudly(monkeypatch, capsys):
+    from nnunet_mixsup import cli
+
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", (*cli.SUBCOMMAND_MODULES, "nnunet_mixsup._no_such_module"))
+    with pytest.raises(ImportError, match="nnunet_mixsup._no_such_module"):
+        cli.build_parser()
+    assert cli.main(["prepare", "--help"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot import nnunet_mixsup._no_such_module" in err and "Traceback" not in err
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("nnunet_mixsup.splits",))  # imports, registers nothing
+    with pytest.raises(ImportError, match="no register_cli"):
+        cli.build_parser()
 
 
 def test_cli_error_exits_nonzero_with_clear_message(fresh_dirs):
