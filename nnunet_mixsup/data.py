@@ -41,14 +41,27 @@ from nnunet_mixsup.manifest import TYPE_CODES, CaseSupervision
 
 ALLOWED_BITS = 15
 """Allowed maps per int16 code channel (codes 0..32767)."""
-JOINT_MAX_CLASSES = 19
-"""Up to this many foreground classes the label map and all allowed maps share one int32 channel."""
+FLOAT32_EXACT = 1 << 24
+"""Every integer of magnitude up to 2^24 is exact in float32 (nnU-Net's resampling); larger ones may be rounded."""
+
+
+def joint_channel_fits(max_label: int, k: int) -> bool:
+    """Whether ``label << k | code`` is exact in float32 for every label up to ``max_label`` and K = ``k`` bits.
+
+    The largest value is ``((max_label + 1) << k) - 1``; it must not exceed :data:`FLOAT32_EXACT`.
+    """
+    return (max(int(max_label), 0) + 1) << int(k) <= FLOAT32_EXACT
+
+
+def n_code_channels(k: int) -> int:
+    """Channels :func:`pack_allowed` uses for K allowed maps (at least one)."""
+    return max(1, -(-int(k) // ALLOWED_BITS))
 
 
 def pack_allowed(allowed: np.ndarray) -> np.ndarray:
     """(K, *s) 0/1 allowed maps -> (ceil(K / 15), *s) int16 codes; bit ``k % 15`` of channel ``k // 15`` is map k."""
     k = allowed.shape[0]
-    codes = np.zeros((max(1, -(-k // ALLOWED_BITS)), *allowed.shape[1:]), dtype=np.int16)
+    codes = np.zeros((n_code_channels(k), *allowed.shape[1:]), dtype=np.int16)
     for c in range(k):
         codes[c // ALLOWED_BITS] |= (allowed[c] != 0).astype(np.int16) << (c % ALLOWED_BITS)
     return codes
@@ -63,29 +76,36 @@ def unpack_allowed(codes: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def pack_targets(seg: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+def pack_targets(seg: np.ndarray, codes: np.ndarray, k: int, max_label: int | None = None) -> np.ndarray:
     """The segmentation that nnU-Net's transforms see: label map (1, *s) + allowed codes of K classes.
 
     ``codes``: (P, *s) from :func:`pack_allowed`, or (P, 1, ..., 1) for a code constant over the
-    patch; where the label is -1 nothing is allowed, whatever ``codes`` says there.
+    patch; where the label is -1 nothing is allowed, whatever ``codes`` says there. ``max_label``:
+    an upper bound of the labels in ``seg`` (e.g. the ignore label, or the largest foreground label
+    without one); ``None`` takes the largest label present.
 
     Why: nnU-Net's spatial augmentation resamples a segmentation channel label by label (one
     ``grid_sample`` per value present), so K separate 0/1 allowed channels next to the label map
     made the MixSup loader several times slower than stock at GPU patch sizes.
 
-    - K <= :data:`JOINT_MAX_CLASSES`: one int32 channel ``label << K | code`` (``code`` = all K
-      allowed bits), -1 where the label is -1 (nnU-Net's "outside the non-zero crop", which its
-      transforms use for masking and padding). Each value is a label like any other for nnU-Net's
-      transforms. A mask, tag or unlabelled sample has one code inside the crop, so its values are
-      its labels: resampled exactly as stock nnU-Net resamples them, at the same cost. A box sample
-      costs one resampling per (label, code) combination present; where box edges fall inside the
+    - When :func:`joint_channel_fits` (``(max_label + 1) << K <= 2^24``): one int32 channel
+      ``label << K | code`` (``code`` = all K allowed bits), -1 where the label is -1 (nnU-Net's
+      "outside the non-zero crop", which its transforms use for masking and padding). Each value is
+      a label like any other for nnU-Net's transforms, and exact in the float32 they compute in. A
+      mask, tag or unlabelled sample has one code inside the crop, so its values are its labels:
+      resampled exactly as stock nnU-Net resamples them, at the same cost. A box sample costs one
+      resampling per (label, code) combination present; where box edges fall inside the
       interpolation kernel the most-weighted combination wins (separate channels would each take
-      their own majority). Values stay below 2^24, exact in ``grid_sample``'s float32.
-    - More classes: the label map (int16) followed by the :func:`pack_allowed` code channels.
+      their own majority).
+    - Otherwise (many classes, or a high ignore label such as 255 with K >= 17): the label map
+      (int16, as nnU-Net stores it) followed by the :func:`pack_allowed` code channels, each value
+      below 2^15.
 
-    :func:`unpack_targets` inverts it after the transforms.
+    :func:`unpack_targets` tells the layouts apart by their channel count (1 vs 1 + P, P >= 1).
     """
-    if k > JOINT_MAX_CLASSES:
+    if max_label is None:
+        max_label = int(seg.max()) if seg.size else 0
+    if not joint_channel_fits(max_label, k):
         return np.concatenate((seg, np.broadcast_to(codes, (codes.shape[0], *seg.shape[1:])) * (seg != -1)),
                               dtype=np.int16)
     joint = seg.astype(np.int32)
@@ -99,11 +119,15 @@ def pack_targets(seg: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
 def unpack_targets(x: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_targets` on a transformed segmentation: (1 + K, *s) int16, label map + K allowed maps.
 
-    Padding introduced by the transforms (-1, or 0 after nnU-Net's ``RemoveLabelTansform``) has
-    label -1 / 0 and nothing allowed.
+    ``x``: (1, *s) joint channel or (1 + P, *s) label map + code channels, integer valued. Padding
+    introduced by the transforms (-1, or 0 after nnU-Net's ``RemoveLabelTansform``) has label -1 / 0
+    and nothing allowed.
     """
-    if k > JOINT_MAX_CLASSES:
-        return torch.cat((x[:1].to(torch.int16), unpack_allowed(x[1:], k)))
+    if x.shape[0] != 1:
+        if x.shape[0] != 1 + n_code_channels(k):
+            raise ValueError(f"packed targets of {k} classes have 1 or {1 + n_code_channels(k)} channels, "
+                             f"got {x.shape[0]}")
+        return torch.cat((x[:1].to(torch.int16), unpack_allowed(x[1:].to(torch.int32), k)))
     joint = x[0].to(torch.int32)
     code = joint.clamp_min(0) & ((1 << k) - 1)
     out = torch.empty((1 + k, *x.shape[1:]), dtype=torch.int16)

@@ -11,6 +11,11 @@ The per-class information that one label map cannot hold (class 2 absent inside 
 classes absent from the tags) travels in the manifest, which is copied next to the preprocessed
 data (``nnUNet_preprocessed/DatasetXXX/supervision.json``) for the trainers.
 
+Boxes are mapped into the array nnU-Net's reader returns by :mod:`nnunet_mixsup.geometry`; a
+dataset with box cases whose dataset.json selects a reader not known there
+(``overwrite_image_reader_writer``) is refused, and so is a box case whose image
+``NibabelIOWithReorient`` would reorient differently from its derived label map.
+
 A user's mask is never modified: we only write label files for weak cases, record their hashes in
 ``.mixsup_generated.json`` and refuse to touch any other existing label file. Everything is
 validated before anything is written (manifest, dataset.json, every image and mask, voxels
@@ -37,12 +42,14 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunet_mixsup.geometry import MAPPED_READERS, nibabel_file_axis_map
 from nnunet_mixsup.manifest import (
     MANIFEST_NAME,
     CaseSupervision,
     Manifest,
     ManifestError,
     RawDataset,
+    _short,
     image_header,
     parse_manifest,
     read_manifest_json,
@@ -160,6 +167,69 @@ def derived_label_array(sup: CaseSupervision, shape_numpy: tuple[int, ...], igno
     return np.full(shape_numpy, ignore_label, dtype)
 
 
+def configured_reader(dataset_json: dict) -> type | None:
+    """The reader class that dataset.json's ``overwrite_image_reader_writer`` selects, as nnU-Net resolves it.
+
+    ``None`` when nnU-Net picks the reader from the file ending (then always one of its own
+    readers, see ``determine_reader_writer_from_file_ending``), including a name it cannot find.
+    """
+    from nnunetv2.imageio import reader_writer_registry
+
+    name = dataset_json.get("overwrite_image_reader_writer", "None")
+    if not isinstance(name, str) or name == "None":
+        return None  # a name that is not a string is reported by reader_problems
+    try:
+        return reader_writer_registry.recursive_find_reader_writer_by_name(name)
+    except RuntimeError:
+        return None
+
+
+def reader_problems(dataset_json: dict, manifest: Manifest) -> list[str]:
+    """Why the boxes of ``manifest`` cannot be mapped through the reader dataset.json selects (empty if they can).
+
+    Boxes are voxel indices of the raw image in ITK index order; :mod:`nnunet_mixsup.geometry`
+    knows how each reader in :data:`~nnunet_mixsup.geometry.MAPPED_READERS` relates its array to
+    that grid. Any other reader may permute or flip axes in ways we cannot see, which would put the
+    certain negatives of a box onto its object. Only box cases are affected: the derived maps of
+    tag and unlabelled cases are constant. A reader name that is not a string is always a problem.
+    """
+    key = "overwrite_image_reader_writer"
+    if key in dataset_json and not isinstance(dataset_json[key], str):  # nnU-Net itself would fail on it
+        return [f"dataset.json: {key!r} must be a reader class name (a string), got {_short(dataset_json[key])}"]
+    n_box = len(manifest.of_type("box"))
+    if not n_box:
+        return []
+    cls = configured_reader(dataset_json)
+    if cls is None or MAPPED_READERS.get(cls.__name__) == cls.__module__:
+        return []
+    return [(f"dataset.json: 'overwrite_image_reader_writer' selects the reader {cls.__module__}.{cls.__name__}, "
+             f"which nnunet-mixsup does not know: the boxes of {n_box} box case(s) (voxel indices of the raw "
+             "image in ITK index order) cannot be mapped into the array this reader returns. Use one of nnU-Net's "
+             f"readers {sorted(MAPPED_READERS)} or give these cases as tags")]
+
+
+def _reorientation_problem(ds: RawDataset, cid: str, label: Path) -> str | None:
+    """Why ``NibabelIOWithReorient`` would reorient a box case's image and its derived label map differently.
+
+    The label map is written with SimpleITK on the image's ITK geometry. When the image's NIfTI
+    header is ambiguous (sform and qform disagree, or neither is set), nibabel and ITK choose
+    different affines, so the reader would flip or permute the label map unlike the image.
+    """
+    from nibabel.filebasedimages import ImageFileError
+
+    image = ds.image_files(cid)[0]
+    try:
+        a, b = nibabel_file_axis_map(image), nibabel_file_axis_map(label)
+    except (ImageFileError, OSError, ValueError, EOFError) as e:
+        return f"case {cid!r}: NibabelIOWithReorient cannot read the header of imagesTr/{image.name}: {e}"
+    if a == b:
+        return None
+    return (f"case {cid!r}: NibabelIOWithReorient (dataset.json 'overwrite_image_reader_writer') would reorient "
+            f"imagesTr/{image.name} and its derived label map differently: nibabel and SimpleITK read different "
+            "orientations from the image's NIfTI header (sform and qform disagree, or neither is set). Make sform "
+            "and qform agree, or use SimpleITKIOWithReorient")
+
+
 @dataclass
 class PrepareResult:
     manifest: Manifest
@@ -198,6 +268,7 @@ def load_and_validate(folder: Path, check_image_data: bool = True,
         top = max(ds.foreground_labels) if ds.foreground_labels else 0
         if ds.ignore_label <= top:
             problems.append(f"dataset.json: 'ignore' ({ds.ignore_label}) must be the highest label (> {top})")
+    problems.extend(reader_problems(ds.dataset_json, manifest))
     full, _ = validate_against_dataset(manifest, ds, generated=set(generated), problems=problems,
                                        mentioned=mentioned, check_image_data=check_image_data,
                                        image_data_cache=image_data_cache)
@@ -347,6 +418,8 @@ def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True
     ignore = ds.ignore_label
     if weak and ignore is None:
         ignore = (max(ds.foreground_labels) if ds.foreground_labels else 0) + 1
+    reader = configured_reader(ds.dataset_json)
+    check_reorientation = reader is not None and reader.__name__ == "NibabelIOWithReorient"
     current_images = {f"imagesTr/{f.name}" for c in ds.case_ids for f in ds.image_files(c)}
     verified = {k: v for k, v in sorted(verified.items()) if k in current_images}
 
@@ -355,15 +428,23 @@ def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True
     written, unchanged = [], []
     try:
         staged: dict[str, tuple[Path, str]] = {}
+        orientation_problems = []
         for cid in tqdm(sorted(weak), desc="Rendering weak-label maps", disable=not show_progress):
             name = ds.label_file(cid).name
             tmp = tmp_dir / name
             _render(ds, manifest.cases[cid], ignore, tmp)
+            if check_reorientation and manifest.cases[cid].type == "box":
+                why = _reorientation_problem(ds, cid, tmp)
+                if why:
+                    orientation_problems.append(why)
+                    continue
             digest = sha256_file(tmp)
             if generated.get(name) == digest:
                 unchanged.append(cid)
                 continue
             staged[name] = (tmp, digest)
+        if orientation_problems:
+            raise ManifestError(orientation_problems, str(folder / MANIFEST_NAME))
 
         record = dict(generated)
         record.update({n: d for n, (_, d) in staged.items()})

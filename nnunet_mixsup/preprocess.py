@@ -3,8 +3,11 @@
 One fix stock nnU-Net lacks: its fingerprint collects foreground intensities from ``seg > 0``,
 which includes ignore-label voxels. For weak cases those are whole boxes or whole images, which
 skews CT-style normalisation. We recompute ``foreground_intensity_properties_per_channel`` from the
-truly labelled foreground voxels of the mask cases (same sampling and statistics as nnU-Net) and
-write it into the fingerprint before planning.
+truly labelled foreground voxels of the mask cases and write it into the fingerprint before
+planning. Sampling and statistics are stock nnU-Net's (``DatasetFingerprintExtractor``): a budget
+of 10e7 foreground voxels in total, split evenly over the cases that contribute (here the mask
+cases), drawn with replacement by a generator seeded anew for every case; percentiles, mean, std,
+min and max of all samples together.
 
 The manifest is copied to ``nnUNet_preprocessed/DatasetXXX/supervision.json`` (one level above the
 configuration folders, where extra files do not disturb nnU-Net's dataset-class inference) and a
@@ -29,11 +32,27 @@ from nnunet_mixsup.prepare import (
 )
 from nnunet_mixsup.splits import mixsup_splits
 
+FOREGROUND_VOXELS_FOR_INTENSITY_STATS = 10e7
+"""Stock nnU-Net's ``num_foreground_voxels_for_intensitystats``: foreground samples for the whole dataset."""
+
+
+def foreground_samples_per_case(n_cases: int) -> int:
+    """Foreground voxels sampled per case when ``n_cases`` cases contribute (stock: budget // cases)."""
+    return int(FOREGROUND_VOXELS_FOR_INTENSITY_STATS // max(1, int(n_cases)))
+
 
 def mask_only_intensity_properties(raw_folder: Path, mask_ids: Sequence[str], num_channels: int,
-                                   foreground_labels: Sequence[int], samples_per_case: int = 10000,
+                                   foreground_labels: Sequence[int], samples_per_case: int | None = None,
                                    seed: int = 1234) -> dict:
-    """nnU-Net's per-channel foreground intensity statistics, from labelled foreground of mask cases only."""
+    """nnU-Net's per-channel foreground intensity statistics, from labelled foreground of mask cases only.
+
+    Sampled as ``DatasetFingerprintExtractor.collect_foreground_intensities`` does: per case, after
+    nnU-Net's crop to the non-zero region, ``samples_per_case`` voxels (default
+    :func:`foreground_samples_per_case` of the mask cases) drawn with replacement from the voxels of
+    ``foreground_labels``, channel after channel, by ``RandomState(seed)`` created for that case.
+    On a dataset of mask cases only this gives stock nnU-Net's numbers exactly. Returns
+    ``{"0": {"mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5"}, ...}``.
+    """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 
@@ -41,7 +60,8 @@ def mask_only_intensity_properties(raw_folder: Path, mask_ids: Sequence[str], nu
     fe = dj["file_ending"]
     first = raw_folder / "imagesTr" / f"{mask_ids[0]}_0000{fe}"
     rw = determine_reader_writer_from_dataset_json(dj, str(first))()
-    rs = np.random.RandomState(seed)
+    if samples_per_case is None:
+        samples_per_case = foreground_samples_per_case(len(mask_ids))
     per_channel: list[list[np.ndarray]] = [[] for _ in range(num_channels)]
     fg = np.array(list(foreground_labels))
     for cid in tqdm(mask_ids, desc="Foreground intensities (mask cases)"):
@@ -49,6 +69,7 @@ def mask_only_intensity_properties(raw_folder: Path, mask_ids: Sequence[str], nu
         seg, _ = rw.read_seg(str(raw_folder / "labelsTr" / f"{cid}{fe}"))
         imgs, seg, _ = crop_to_nonzero(imgs, seg)
         m = np.isin(seg[0], fg)
+        rs = np.random.RandomState(seed)
         for c in range(num_channels):
             vox = imgs[c][m]
             if len(vox):
@@ -59,8 +80,8 @@ def mask_only_intensity_properties(raw_folder: Path, mask_ids: Sequence[str], nu
             raise RuntimeError("no labelled foreground voxel in any mask case: cannot compute intensity statistics")
         v = np.concatenate(per_channel[c])
         p005, med, p995 = np.percentile(v, (0.5, 50.0, 99.5))
-        out[str(c)] = {"mean": float(v.mean()), "median": float(med), "std": float(v.std()),
-                       "min": float(v.min()), "max": float(v.max()),
+        out[str(c)] = {"mean": float(np.mean(v)), "median": float(med), "std": float(np.std(v)),
+                       "min": float(np.min(v)), "max": float(np.max(v)),
                        "percentile_99_5": float(p995), "percentile_00_5": float(p005)}
     return out
 

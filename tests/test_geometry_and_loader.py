@@ -203,7 +203,9 @@ def test_pack_targets_hand_values_and_round_trip():
     assert np.array_equal(joint, pack_targets(seg, codes * (seg != -1), 3))  # label -1: nothing allowed anyway
     constant = pack_allowed(np.array([1, 0, 1], dtype=np.int16).reshape(3, 1, 1))  # (1, 1, 1): broadcast
     assert pack_targets(seg, constant, 3).tolist() == [[[2 * 8 + 5, 5], [4 * 8 + 5, -1]]]
-    assert pack_targets(np.zeros((1, 2, 2), np.int16), constant, 20).shape == (2, 2, 2)  # label + 1 code channel
+    constant20 = pack_allowed(np.ones((20, 1, 1), dtype=np.int16))  # two 15-bit code channels
+    assert pack_targets(np.zeros((1, 2, 2), np.int16), constant20, 20).shape == (1, 2, 2)  # 1 << 20 <= 2^24
+    assert pack_targets(np.full((1, 2, 2), 21, np.int16), constant20, 20).shape == (3, 2, 2)  # 22 << 20 > 2^24
     assert joint.dtype == np.int32 and joint.tolist() == [[[2 * 8 + 5, 4], [4 * 8 + 7, -1]]]  # label << K | code
     back = unpack_targets(torch.from_numpy(joint), 3)
     assert back.dtype == torch.int16 and back.shape == (4, 2, 2)

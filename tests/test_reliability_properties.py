@@ -212,7 +212,10 @@ dataset_jsons = st.one_of(
         | st.dictionaries(st.sampled_from(["background", "blob", "dot", "ignore"]), st.integers(-2, 300) | weird,
                           max_size=4) | json_values,
         "file_ending": st.sampled_from([".nii.gz", ".nii", "", ".", "/../x", "nii.gz", ".nii.gz\x00"]) | json_values,
-    }, optional={"numTraining": json_values, "dataset": json_values, "modality": json_values}),
+    }, optional={"numTraining": json_values, "dataset": json_values, "modality": json_values,
+                 "overwrite_image_reader_writer": st.sampled_from(
+                     ["None", "SimpleITKIO", "SimpleITKIOWithReorient", "NibabelIO", "NibabelIOWithReorient",
+                      "NaturalImage2DIO", "Tiff3DIO", "BaseReaderWriter", "NoSuchReader", ""]) | json_values}),
 )
 
 
