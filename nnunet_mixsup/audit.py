@@ -13,6 +13,8 @@ benchmark work directory, where the dense truth of every weak case is known
 2. per case and class, Dice against the dense truth of the arg-max prediction (``free``) and of
    the arg-max after zeroing the classes the weak labels exclude (``constrained``; the pseudo-label
    constraint of the trainers, :func:`~nnunet_mixsup.losses.constrain_pseudo_labels`, in raw space).
+   A class absent from both the prediction and the truth scores Dice 1.0, as in
+   ``nnunet-mixsup evaluate``, so every case enters every mean.
 
 ``constrained - free`` for the ``lower`` run is an upper bound on what the weak-label constraint
 adds to a mask-only teacher's pseudo labels; ``free`` of a MixSup run against ``lower`` is how
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_mixsup.evaluation import labels_from_dataset_json
+from nnunet_mixsup.evaluation import dice_score, labels_from_dataset_json
 from nnunet_mixsup.geometry import rasterize_boxes_in_patch
 from nnunet_mixsup.manifest import CaseSupervision, Manifest, load_manifest
 from nnunet_mixsup.simulate import HIDDEN_LABELS_DIR
@@ -64,10 +66,12 @@ def allowed_classes(sup: CaseSupervision, shape: tuple[int, ...], num_classes: i
 
 
 def dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
-    """Dice of one label; NaN when the label is in neither map."""
-    p, r = pred == label, ref == label
-    total = int(p.sum()) + int(r.sum())
-    return 2.0 * int((p & r).sum()) / total if total else float("nan")
+    """Dice of one label between two label maps; 1.0 when the label is in neither map.
+
+    The convention of ``nnunet-mixsup evaluate`` (:func:`nnunet_mixsup.evaluation.dice_score`): a
+    class correctly predicted absent is a perfect score, so every case enters every mean.
+    """
+    return dice_score(ref == label, pred == label)
 
 
 def audit_case(probs: np.ndarray, allowed: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> dict[str, dict]:
@@ -80,7 +84,8 @@ def audit_case(probs: np.ndarray, allowed: np.ndarray, ref: np.ndarray, labels: 
         labels: the foreground labels to score.
 
     Returns:
-        ``{"free": {label: dice}, "constrained": {label: dice}, "changed": float}``.
+        ``{"free": {label: dice}, "constrained": {label: dice}, "changed": float}``; Dice as
+        :func:`dice` (1.0 for a label in neither map).
     """
     if probs.shape != allowed.shape or probs.shape[1:] != ref.shape:
         raise AuditError(f"shapes differ: probabilities {probs.shape}, allowed {allowed.shape}, reference {ref.shape}")
@@ -189,13 +194,17 @@ def _audit_run(sim: dict, trainer: str, fold: str, ckpt: Path, raw: Path, weak: 
             d = r[view]
             rows.append({"dataset": sim["name"], "seed": sim["seed"], "budget": sim["budget"], "run": run,
                          "fold": fold, "case": c, "type": manifest.cases[c].type, "view": view,
-                         **{f"dice_{names[k]}": v for k, v in d.items()}, "dice_mean": float(np.nanmean(list(d.values()))),
+                         **{f"dice_{names[k]}": v for k, v in d.items()}, "dice_mean": float(np.mean(list(d.values()))),
                          "changed": r["changed"]})
     return rows
 
 
 def summary_markdown(rows: Sequence[dict]) -> str:
-    """Mean Dice per run, case type and view over all audited cases, and the constraint's gain in points."""
+    """Mean Dice per run, case type and view over all audited cases, and the constraint's gain in points.
+
+    Plain means over the rows: Dice is never NaN (:func:`dice`), and a NaN in ``rows`` would show as
+    ``nan`` rather than be skipped.
+    """
     dice_keys = [k for k in rows[0] if k.startswith("dice_")]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -205,11 +214,11 @@ def summary_markdown(rows: Sequence[dict]) -> str:
              + " | constraint gain (Dice pts) | voxels changed |", "|---" * (len(dice_keys) + 6) + "|"]
     for (run, t, view) in sorted(groups, key=lambda g: (g[0] != "lower", g[0], g[1] != "all", g[1], g[2] != "free")):
         rs = groups[(run, t, view)]
-        means = [float(np.nanmean([r[k] for r in rs])) for k in dice_keys]
+        means = [float(np.mean([r[k] for r in rs])) for k in dice_keys]
         gain = changed = ""
         if view == "constrained":
             free = groups[(run, t, "free")]
-            gain = f"{100 * (means[-1] - float(np.nanmean([r['dice_mean'] for r in free]))):+.2f}"
+            gain = f"{100 * (means[-1] - float(np.mean([r['dice_mean'] for r in free]))):+.2f}"
             changed = f"{100 * float(np.mean([r['changed'] for r in rs])):.3f} %"
         lines.append(f"| {run} | {t} | {len(rs)} | {view} | " + " | ".join(f"{m:.3f}" for m in means)
                      + f" | {gain} | {changed} |")

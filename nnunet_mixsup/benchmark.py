@@ -43,13 +43,17 @@ ratios are if anything smaller. Set your own from your annotators' times.
 Outputs in ``<workdir>/benchmark_results/``:
 
 - ``results.csv``: one row per run and class (plus the mean over classes): budget, seed, run
-  (``lower`` / ``upper`` / trainer name), trainer class, class, Dice, HD95 (mm), NSD, the cases of
-  the training set per supervision type, its cost, dataset id and fold.
+  (``lower`` / ``upper`` / trainer name), trainer class, class, Dice, HD95 (mm), NSD (metric
+  definitions: :mod:`nnunet_mixsup.evaluation`), the test cases scored (``n_cases``) and those in
+  which the class was missed / hallucinated (``n_missed`` / ``n_hallucinated``: Dice 0, NSD 0,
+  HD95 the image diagonal; for the mean row summed over classes), the cases of the training set
+  per supervision type, its cost, dataset id and fold.
 - ``summary.csv`` / ``summary.md``: per budget, run and class the mean +- SD over seeds of Dice,
-  HD95 and NSD, the Dice-point gain over ``lower`` (mean +- SD of the per-seed differences) and the
-  share of the lower-upper gap closed, ``(mixsup - lower) / (upper - lower)`` on the seed means
-  (NaN when upper is not above lower).
-- ``dice_vs_budget.png``, ``dice_vs_cost.png``: mean Dice against mask cases / annotation cost.
+  HD95 and NSD, the missed / hallucinated counts summed over seeds, the Dice-point gain over
+  ``lower`` (mean +- SD of the per-seed differences) and the share of the lower-upper gap closed,
+  ``(mixsup - lower) / (upper - lower)`` on the seed means (NaN when upper is not above lower).
+- ``dice_vs_budget.png``, ``dice_vs_cost.png``: mean Dice against mask cases / annotation cost;
+  points whose runs missed or hallucinated a class somewhere are labelled with those counts.
 - ``commands.sh``: every command run, in order, exactly as run (with the environment as
   ``export`` lines); in-process steps appear as comments. ``logs/``: their output.
 - ``benchmark.json`` (settings that must not change within a work directory: dense dataset,
@@ -302,9 +306,13 @@ def annotation_cost(counts: dict[str, int], costs: dict[str, float] | None = Non
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample SD (ddof 1) of the non-NaN values; NaN where undefined (no / one value)."""
-    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
-    if not v:
+    """Mean and sample SD (ddof 1); NaN where undefined (no value, or one for the SD).
+
+    A NaN or ``None`` among the values makes both NaN: a missing value is never skipped, which
+    would silently average over fewer seeds than ``n_seeds`` says.
+    """
+    v = [math.nan if x is None else float(x) for x in values]
+    if not v or any(math.isnan(x) for x in v):
         return math.nan, math.nan
     m = sum(v) / len(v)
     if len(v) < 2:
@@ -338,9 +346,11 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
     """Summary rows from result rows (see :func:`result_rows`), per budget, run and class.
 
     Statistics are over seeds. For each budget the ``upper`` row uses the upper-bound runs of the
-    seeds that budget has. ``gain_mean`` / ``gain_sd``: Dice points over ``lower``, from the
-    per-seed differences (seeds with both runs); ``gap_closed`` from the seed means of the seeds
-    that have lower, the run and upper (MixSup runs only).
+    seeds that budget has. ``n_cases`` / ``n_missed`` / ``n_hallucinated`` are summed over the
+    seeds (test cases scored, and those where the class was missed / hallucinated). ``gain_mean`` /
+    ``gain_sd``: Dice points over ``lower``, from the per-seed differences (seeds with both runs);
+    ``gap_closed`` from the seed means of the seeds that have lower, the run and upper (MixSup runs
+    only). A metric that is NaN for one of the seeds makes its mean NaN (see :func:`mean_sd`).
     """
     budgets: dict[str, int] = {}
     runs: list[str] = []
@@ -374,6 +384,8 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
                                          "seeds": " ".join(str(s) for s in have)}
                 for m in ("dice", "hd95", "nsd"):
                     entry[f"{m}_mean"], entry[f"{m}_sd"] = mean_sd([_num(x[m]) for x in sel])
+                for k in ("n_cases", "n_missed", "n_hallucinated"):
+                    entry[k] = sum(int(x[k]) for x in sel)
                 entry["cost"] = mean_sd([_num(x["cost"]) for x in sel])[0]
                 entry["gain_mean"] = entry["gain_sd"] = entry["gap_closed"] = math.nan
                 if run != LOWER:
@@ -390,9 +402,10 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
 
 
 SUMMARY_COLUMNS = ("budget", "n_mask", "run", "trainer", "class", "n_seeds", "seeds", "dice_mean", "dice_sd",
-                   "hd95_mean", "hd95_sd", "nsd_mean", "nsd_sd", "cost", "gain_mean", "gain_sd", "gap_closed")
-RESULT_COLUMNS = ("budget", "seed", "run", "trainer", "class", "label", "dice", "hd95", "nsd", "n_mask", "n_box",
-                  "n_tags", "n_none", "cost", "dataset", "fold")
+                   "hd95_mean", "hd95_sd", "nsd_mean", "nsd_sd", "n_cases", "n_missed", "n_hallucinated", "cost",
+                   "gain_mean", "gain_sd", "gap_closed")
+RESULT_COLUMNS = ("budget", "seed", "run", "trainer", "class", "label", "dice", "hd95", "nsd", "n_cases", "n_missed",
+                  "n_hallucinated", "n_mask", "n_box", "n_tags", "n_none", "cost", "dataset", "fold")
 
 
 def _pm(m: float, s: float, digits: int = 3) -> str:
@@ -408,13 +421,16 @@ def summary_markdown(summary: Sequence[dict], headings: dict[str, str] | None = 
     if notes:
         lines += [notes, ""]
     lines += [("Values: mean ± SD over seeds. Gain: mean Dice points over `lower` (per-seed differences). "
-               "Gap closed: (run − lower) / (upper − lower) on the seed means of the mean Dice."), ""]
+               "Gap closed: (run − lower) / (upper − lower) on the seed means of the mean Dice. "
+               "Missed / hallucinated: test cases in which a class was predicted absent although present / "
+               "predicted although absent, summed over classes and seeds; they score Dice 0, NSD 0 and "
+               "HD95 the image diagonal (HD95: the larger of the two directed 95th percentiles)."), ""]
     for b in dict.fromkeys(e["budget"] for e in summary):
         ent = [e for e in summary if e["budget"] == b]
         classes = [c for c in dict.fromkeys(e["class"] for e in ent) if c != "mean"]
         lines += [f"## masks {b}" + (f": {headings[b]}" if b in headings else ""), ""]
         head = ["run", "trainer", "seeds", "cost"] + [f"Dice {c}" for c in classes] + \
-               ["mean Dice", "mean HD95 (mm)", "mean NSD", "gain (Dice pts)", "gap closed"]
+               ["mean Dice", "mean HD95 (mm)", "mean NSD", "missed / hallucinated", "gain (Dice pts)", "gap closed"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for run in dict.fromkeys(e["run"] for e in ent):
             by_c = {e["class"]: e for e in ent if e["run"] == run}
@@ -423,13 +439,14 @@ def summary_markdown(summary: Sequence[dict], headings: dict[str, str] | None = 
             cells = [run, f"`{first['trainer']}`", str(first["n_seeds"]), f"{first['cost']:.2f}"]
             cells += [_pm(by_c[c]["dice_mean"], by_c[c]["dice_sd"]) if c in by_c else "–" for c in classes]
             if mean is None:
-                cells += ["–"] * 5
+                cells += ["–"] * 6
             else:
                 gain = "–" if math.isnan(mean["gain_mean"]) else \
                     f"{mean['gain_mean']:+.1f}" + ("" if math.isnan(mean["gain_sd"]) else f" ± {mean['gain_sd']:.1f}")
                 gap = "–" if math.isnan(mean["gap_closed"]) else f"{100 * mean['gap_closed']:.0f} %"
                 cells += [_pm(mean["dice_mean"], mean["dice_sd"]), _pm(mean["hd95_mean"], mean["hd95_sd"], 2),
-                          _pm(mean["nsd_mean"], mean["nsd_sd"]), gain, gap]
+                          _pm(mean["nsd_mean"], mean["nsd_sd"]), f"{mean['n_missed']} / {mean['n_hallucinated']}",
+                          gain, gap]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -453,8 +470,19 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
     atomic_write_text(path, buf.getvalue(), newline="")
 
 
+def _mark_misses(ax: Any, entry: dict, x: float, y: float, colour: str) -> None:
+    """Label a plotted point with its missed / hallucinated case counts, if any."""
+    if entry["n_missed"] or entry["n_hallucinated"]:
+        ax.annotate(f"{entry['n_missed']} missed, {entry['n_hallucinated']} halluc.", (x, y),
+                    textcoords="offset points", xytext=(4, -10), fontsize=7, color=colour)
+
+
 def plot_summary(summary: Sequence[dict], out_dir: Path, costs: dict[str, float]) -> list[Path]:
-    """``dice_vs_budget.png`` and ``dice_vs_cost.png`` from the mean-over-classes summary rows."""
+    """``dice_vs_budget.png`` and ``dice_vs_cost.png`` from the mean-over-classes summary rows.
+
+    A point whose runs missed or hallucinated a class in some test cases is labelled
+    ``"<n> missed, <m> halluc."`` (summed over classes and seeds, see :func:`summarise`).
+    """
     try:
         import matplotlib
 
@@ -485,11 +513,14 @@ def plot_summary(summary: Sequence[dict], out_dir: Path, costs: dict[str, float]
                 ax.axhline(m, color=col, ls="--", label=f"{UPPER} (all cases masked)")
                 if s:
                     ax.axhspan(m - s, m + s, color=col, alpha=0.12)
+                _mark_misses(ax, ent[0], max(n for n, _ in budgets), m, col)
                 continue
             if run == UPPER:
-                x, y, err = [ent[0]["cost"]], y[:1], err[:1]
+                x, y, err, ent = [ent[0]["cost"]], y[:1], err[:1], ent[:1]
             else:
                 x = [e["n_mask"] if kind == "budget" else e["cost"] for e in ent]
+            for e, xi, yi in zip(ent, x, y):
+                _mark_misses(ax, e, xi, yi, col)
             ax.errorbar(x, y, yerr=err, color=col, marker="*" if run == UPPER else "o", capsize=3,
                         label={LOWER: "lower (mask cases only)", UPPER: "upper (all cases masked)"}.get(
                             run, f"{run} (masks + weak labels)"))
@@ -953,7 +984,19 @@ def _run_list(cfg: BenchmarkConfig, sims: list[SimDataset], dense: DenseDataset,
 
 
 def result_rows(run: Run, summary: dict, dense: DenseDataset, costs: dict[str, float]) -> list[dict]:
-    """results.csv rows of one run from an evaluation ``summary.json`` (per class and the mean)."""
+    """results.csv rows of one run from an evaluation ``summary.json`` (per class and the mean).
+
+    Refuses an evaluation made with other metric definitions than the current
+    :data:`nnunet_mixsup.evaluation.METRICS_VERSION` (e.g. pooled HD95 with NaN for missed classes):
+    its numbers are not comparable with the others.
+    """
+    from nnunet_mixsup.evaluation import METRICS_VERSION
+
+    version = summary.get("settings", {}).get("metrics_version")
+    if version != METRICS_VERSION:
+        raise BenchmarkError(f"the evaluation of {run.key} was made with older metric definitions (metrics_version "
+                             f"{version}, now {METRICS_VERSION}: HD95 was one percentile of both directions pooled "
+                             "and NaN for a missed class); evaluate it again")
     base = {"budget": run.budget, "seed": run.seed, "run": run.run, "trainer": run.trainer,
             "n_mask": run.counts["mask"], "n_box": run.counts["box"], "n_tags": run.counts["tags"],
             "n_none": run.counts["none"], "cost": annotation_cost(run.counts, costs), "dataset": run.dataset_id,
@@ -964,7 +1007,8 @@ def result_rows(run: Run, summary: dict, dense: DenseDataset, costs: dict[str, f
     for lab in [*dense.labels, "mean"]:
         s = summary["summary"][str(lab)]
         rows.append({**base, "class": dense.label_names[lab] if lab != "mean" else "mean", "label": lab,
-                     **{m: _num(s[m]["mean"]) for m in ("dice", "hd95", "nsd")}})
+                     **{m: _num(s[m]["mean"]) for m in ("dice", "hd95", "nsd")},
+                     **{k: int(s[k]) for k in ("n_cases", "n_missed", "n_hallucinated")}})
     return rows
 
 
@@ -1201,7 +1245,7 @@ def _dense_folder(cfg: BenchmarkConfig, session: Session, raw: Path, outside_raw
 def _do_run(run: Run, label: str, session: Session, cfg: BenchmarkConfig, dense: DenseDataset, res: Path,
             device: str, signature: str) -> dict:
     """Train (unless checkpoint_final.pth exists), predict (unless complete), evaluate (unless current)."""
-    from nnunet_mixsup.evaluation import evaluate_folders, write_results
+    from nnunet_mixsup.evaluation import METRICS_VERSION, evaluate_folders, write_results
 
     plans_name, config = cfg.plans_name, cfg.configuration
     base = res / run.dataset_name / f"{run.trainer}__{plans_name}__{config}"
@@ -1247,7 +1291,8 @@ def _do_run(run: Run, label: str, session: Session, cfg: BenchmarkConfig, dense:
 
     ev = session.out / "evaluations" / run.key
     summary_json = ev / "summary.json"
-    if summary_json.is_file() and summary_json.stat().st_mtime >= done.stat().st_mtime:
+    if summary_json.is_file() and summary_json.stat().st_mtime >= done.stat().st_mtime and \
+            _read_json(summary_json).get("settings", {}).get("metrics_version") == METRICS_VERSION:
         session.say(f"{label}: evaluation current, skipping")
     else:
         session.note(f"in-process: {shlex.join(_mixsup_cli())} evaluate {shlex.quote(str(dense.folder / 'labelsTs'))} "

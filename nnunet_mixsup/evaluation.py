@@ -8,34 +8,53 @@ from ITK's ``x, y, z``.
 Definitions, for one foreground class with reference mask ``R`` and predicted mask ``P``:
 
 - **Dice** ``= 2 |R ∩ P| / (|R| + |P|)`` (voxel counts).
-- **Surface** of a mask: its boundary voxels, i.e. the mask minus its binary erosion with
-  face connectivity (``scipy.ndimage.generate_binary_structure(ndim, 1)``). Voxels on the image
-  border count as boundary (the outside of the image is background).
-- **Surface distances**: for every surface voxel of ``R`` the Euclidean distance (mm, voxel
-  centres) to the nearest surface voxel of ``P``, and vice versa, computed with
-  ``scipy.ndimage.distance_transform_edt(~surface, sampling=spacing)``.
-- **HD95**: the 95th percentile (``numpy.percentile``, linear interpolation) of the distances of
-  *both* directions pooled together.
-- **NSD** at tolerance ``tau`` mm: the fraction of surface voxels of both masks whose distance to
-  the other surface is ``<= tau``:
-  ``(#{r in S_R: d(r, S_P) <= tau} + #{p in S_P: d(p, S_R) <= tau}) / (|S_R| + |S_P|)``.
-  Surface elements are counted as voxels (not weighted by surface area).
+- **Boundary faces** of a mask: the faces between a mask voxel and a face-neighbour outside the
+  mask; the outside of the image is background, so a mask voxel on the image border has a
+  boundary face there. A face perpendicular to axis ``a`` has the area ``prod(spacing[i], i != a)``
+  (mm², in 2D a length in mm).
+- **Surface voxels** of a mask: the mask voxels with at least one boundary face, i.e. the mask
+  minus its binary erosion with face connectivity (``scipy.ndimage.generate_binary_structure(ndim,
+  1)``, ``border_value=0``). The **area** of a surface voxel is the summed area of its boundary faces.
+- **Surface distances**: for every surface voxel of ``R`` the Euclidean distance (mm, between voxel
+  centres) to the nearest surface voxel of ``P`` (``d(r, S_P)``), and vice versa, computed exactly
+  with ``scipy.ndimage.distance_transform_edt(~surface, sampling=spacing)``.
+- **HD95** ``= max(p95{d(r, S_P): r in S_R}, p95{d(p, S_R): p in S_P})``: the larger of the two
+  *directed* 95th percentiles, each over the surface voxels (every voxel counts once, not weighted
+  by area), ``numpy.percentile`` with linear interpolation. This is the convention of MONAI's
+  ``compute_hausdorff_distance(percentile=95)`` and of most challenges; a small far-away false
+  positive or missed part dominates its own direction and so is not drowned by the other
+  direction's zeros, as it is when both sets are pooled into one percentile (medpy's ``hd95``,
+  used here before ``METRICS_VERSION`` 2).
+- **NSD** at tolerance ``tau`` mm (Nikolov et al. 2021): the share of the *area* of both surfaces
+  that lies within ``tau`` of the other surface:
+  ``(sum_{r in S_R} a(r) [d(r, S_P) <= tau] + sum_{p in S_P} a(p) [d(p, S_R) <= tau]) /
+  (sum a(r) + sum a(p))``, ``a`` the surface-voxel area above; distances equal to ``tau`` count.
+  Area weighting makes the score independent of how densely the grid samples each part of the
+  surface: counting voxels instead over-weights faces normal to the coarse axis of an
+  anisotropic grid (for a thin slab at 3 x 0.5 x 0.5 mm, 0.73 instead of 0.80).
 
 Empty-mask conventions (these differ from stock nnU-Net, which reports Dice NaN when both are
-empty):
+empty); no case is ever left out of a mean:
 
-- both ``R`` and ``P`` empty: Dice 1, HD95 0, NSD 1 (a correct "class absent");
-- exactly one empty: Dice 0, HD95 **NaN**, NSD 0. NaN HD95 values are kept in the per-case
-  results, excluded from means/SDs and counted separately (``n_nan`` in the summary).
+- both ``R`` and ``P`` empty (a correct "class absent"): Dice 1, HD95 0, NSD 1;
+- exactly one empty (the class is *missed*: ``R`` non-empty, ``P`` empty; or *hallucinated*:
+  ``R`` empty, ``P`` non-empty): Dice 0, NSD 0 and HD95 = the diagonal of the image's physical
+  extent, ``sqrt(sum_i (shape[i] * spacing[i])**2)`` mm. No distance between two voxel centres of
+  the image reaches it, so a missed or hallucinated class always scores worse than any prediction
+  that finds the class somewhere. Such cases are counted per class in the summary (``n_missed``,
+  ``n_hallucinated``; ``n_both_empty`` for the first convention).
 
 Ignore label: where the *reference* holds ``ignore_label`` the voxel is removed from both masks
 before anything is computed (so ``n_ref``/``n_pred`` exclude it). Surfaces are computed on these
 reduced masks, i.e. a predicted region cut by the ignore region gets a boundary there.
 
 Summary statistics: per class and metric the mean, the sample standard deviation (``ddof=1``;
-NaN for fewer than two values) and ``n`` (number of non-NaN values) over cases, plus ``n_nan``.
-``summary['mean']`` holds, per metric, the mean / SD over the *classes'* means (classes whose
-mean is NaN excluded) and ``n`` = number of classes contributing.
+NaN for fewer than two values), ``n`` (number of non-NaN values) and ``n_nan`` over cases (the
+metrics above are never NaN, so ``n`` is the number of cases; ``n_nan`` would show otherwise), and
+per class ``n_cases``, ``n_missed``, ``n_hallucinated``, ``n_both_empty``. ``summary['mean']``
+holds, per metric, the mean / SD over the *classes'* means and ``n`` = number of classes
+contributing (a class whose mean is NaN is counted in ``n_nan``), and the case counts summed over
+classes.
 """
 from __future__ import annotations
 
@@ -57,6 +76,12 @@ METRICS = ("dice", "hd95", "nsd")
 PER_CASE_CSV = "metrics_per_case.csv"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_JSON = "summary.json"
+#: version of the metric definitions above, stored in ``settings`` of every evaluation so that
+#: results of other definitions are not mixed: 1 = HD95 as one percentile of both directions pooled,
+#: NaN HD95 when exactly one mask is empty (left out of the means), NSD counted per voxel;
+#: 2 = HD95 the max of the directed percentiles, the image diagonal for a missed / hallucinated
+#: class, NSD weighted by surface area
+METRICS_VERSION = 2
 SPACING_TOLERANCE = 1e-3
 #: origins (mm) of reference and prediction must agree within this
 ORIGIN_TOLERANCE = 1e-3
@@ -81,8 +106,49 @@ def _bounding_slices(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     return tuple(slices)
 
 
-def _surface(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+def _surface_area(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Summed area (mm², 2D: mm) of the boundary faces of each voxel of ``mask``; 0 off the surface.
+
+    A boundary face separates a mask voxel from a face-neighbour outside the mask or from the
+    outside of the array (background). Non-zero exactly on the surface voxels (see module doc).
+    """
+    area = np.zeros(mask.shape, dtype=float)
+    for axis in range(mask.ndim):
+        face = float(np.prod([s for i, s in enumerate(spacing) if i != axis]))
+        lo = [slice(None)] * mask.ndim
+        hi = [slice(None)] * mask.ndim
+        lo[axis], hi[axis] = slice(1, None), slice(None, -1)
+        lo_t, hi_t = tuple(lo), tuple(hi)
+        exposed = mask.copy()  # face towards index - 1 (exposed at index 0: image border)
+        exposed[lo_t] &= ~mask[hi_t]
+        area += face * exposed
+        exposed = mask.copy()  # face towards index + 1
+        exposed[hi_t] &= ~mask[lo_t]
+        area += face * exposed
+    return area
+
+
+def _image_diagonal(shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
+    """Diagonal (mm) of the image's physical extent, the HD95 of a missed / hallucinated class."""
+    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def _dice_from_counts(intersection: int, n_ref: int, n_pred: int) -> float:
+    return 1.0 if n_ref + n_pred == 0 else 2.0 * intersection / (n_ref + n_pred)
+
+
+def dice_score(ref: np.ndarray, pred: np.ndarray) -> float:
+    """Dice ``2 |R ∩ P| / (|R| + |P|)`` of two boolean masks of one shape; 1.0 when both are empty.
+
+    The Dice of :func:`compute_case_metrics` (without its ignore-label handling), for other
+    modules that score label maps (the weak-label audit), so that one convention holds everywhere.
+    """
+    ref = np.asarray(ref, dtype=bool)
+    pred = np.asarray(pred, dtype=bool)
+    if ref.shape != pred.shape:
+        raise ValueError(f"mask shapes {ref.shape} and {pred.shape} differ")
+    return _dice_from_counts(int(np.count_nonzero(ref & pred)), int(np.count_nonzero(ref)),
+                             int(np.count_nonzero(pred)))
 
 
 def _binary_metrics(
@@ -95,24 +161,24 @@ def _binary_metrics(
         out.update(dice=1.0, hd95=0.0, nsd=1.0)
         return out
     if n_ref == 0 or n_pred == 0:
-        out.update(dice=0.0, hd95=math.nan, nsd=0.0)
+        out.update(dice=0.0, hd95=_image_diagonal(ref.shape, spacing), nsd=0.0)
         return out
-    intersection = int(np.count_nonzero(ref & pred))
-    dice = 2.0 * intersection / (n_ref + n_pred)
+    dice = _dice_from_counts(int(np.count_nonzero(ref & pred)), n_ref, n_pred)
 
-    # Crop to the union's bounding box (+1 voxel): all surface voxels lie inside, so the EDT on
-    # the crop gives exactly the same distances, much faster for small structures.
+    # Crop to the union's bounding box (+1 voxel where the image allows): all surface voxels and
+    # their faces lie inside and the crop's own border is image border or background, so surfaces,
+    # face areas and the EDT on the crop are exactly those of the whole image, much faster.
     crop = _bounding_slices(ref | pred)
-    ref_c, pred_c = ref[crop], pred[crop]
-    structure = ndimage.generate_binary_structure(ref.ndim, 1)
-    surf_ref = _surface(ref_c, structure)
-    surf_pred = _surface(pred_c, structure)
+    area_ref = _surface_area(ref[crop], spacing)
+    area_pred = _surface_area(pred[crop], spacing)
+    surf_ref, surf_pred = area_ref > 0, area_pred > 0
     d_ref_to_pred = ndimage.distance_transform_edt(~surf_pred, sampling=spacing)[surf_ref]
     d_pred_to_ref = ndimage.distance_transform_edt(~surf_ref, sampling=spacing)[surf_pred]
-    pooled = np.concatenate([d_ref_to_pred, d_pred_to_ref])
-    hd95 = float(np.percentile(pooled, 95))
-    nsd = float(np.count_nonzero(pooled <= tolerance)) / pooled.size
-    out.update(dice=float(dice), hd95=hd95, nsd=nsd)
+    hd95 = max(float(np.percentile(d_ref_to_pred, 95)), float(np.percentile(d_pred_to_ref, 95)))
+    a_ref, a_pred = area_ref[surf_ref], area_pred[surf_pred]
+    matched = float(a_ref[d_ref_to_pred <= tolerance].sum()) + float(a_pred[d_pred_to_ref <= tolerance].sum())
+    nsd = matched / (float(a_ref.sum()) + float(a_pred.sum()))
+    out.update(dice=float(dice), hd95=hd95, nsd=min(nsd, 1.0))
     return out
 
 
@@ -136,8 +202,9 @@ def compute_case_metrics(
 
     Returns:
         ``{label: {'dice', 'hd95', 'nsd', 'n_ref', 'n_pred'}}``. See the module docstring for the
-        exact definitions. Conventions: both masks empty → dice 1, hd95 0, nsd 1; exactly one
-        empty → dice 0, hd95 NaN, nsd 0.
+        exact definitions (surface voxels, directed HD95, area-weighted NSD). Conventions: both
+        masks empty → dice 1, hd95 0, nsd 1; exactly one empty (missed / hallucinated class) →
+        dice 0, nsd 0, hd95 the diagonal of the image extent ``sqrt(sum((shape * spacing)**2))``.
 
     Raises:
         ValueError: shape mismatch, wrong spacing length / non-positive spacing, bad tolerance,
@@ -286,6 +353,7 @@ def _evaluate_case(task: tuple) -> dict:
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
+    """Mean, SD (ddof 1), ``n`` non-NaN values and ``n_nan`` (NaN values are counted, never hidden)."""
     arr = np.asarray(values, dtype=float)
     finite = arr[~np.isnan(arr)]
     n = int(finite.size)
@@ -297,15 +365,38 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+#: per-class case counts of the summary (see the module docstring)
+CASE_COUNTS = ("n_cases", "n_missed", "n_hallucinated", "n_both_empty")
+
+
+def _case_counts(metrics: Sequence[dict]) -> dict[str, int]:
+    """Cases, and cases where the class is missed / hallucinated / absent from both, of one class."""
+    n_ref = [int(m["n_ref"]) > 0 for m in metrics]
+    n_pred = [int(m["n_pred"]) > 0 for m in metrics]
+    return {
+        "n_cases": len(metrics),
+        "n_missed": sum(r and not p for r, p in zip(n_ref, n_pred)),
+        "n_hallucinated": sum(p and not r for r, p in zip(n_ref, n_pred)),
+        "n_both_empty": sum(not r and not p for r, p in zip(n_ref, n_pred)),
+    }
+
+
 def summarise(per_case: Sequence[dict], labels: Sequence[int]) -> dict:
-    """Summary over cases (see module docstring) from ``per_case`` entries of ``evaluate_folders``."""
+    """Summary over cases (see module docstring) from ``per_case`` entries of ``evaluate_folders``.
+
+    Returns ``{label: {metric: {'mean', 'sd', 'n', 'n_nan'}, 'n_cases', 'n_missed',
+    'n_hallucinated', 'n_both_empty'}, 'mean': {...}}``; ``'mean'`` holds the statistics of the
+    class means and the case counts summed over classes (``n_cases``: the number of cases).
+    """
     summary: dict[Any, dict] = {}
     for lab in labels:
-        summary[lab] = {m: _stats([c["metrics"][lab][m] for c in per_case]) for m in METRICS}
-    summary["mean"] = {}
-    for m in METRICS:
-        s = _stats([summary[lab][m]["mean"] for lab in labels])
-        summary["mean"][m] = s
+        metrics = [c["metrics"][lab] for c in per_case]
+        summary[lab] = {m: _stats([x[m] for x in metrics]) for m in METRICS}
+        summary[lab].update(_case_counts(metrics))
+    summary["mean"] = {m: _stats([summary[lab][m]["mean"] for lab in labels]) for m in METRICS}
+    summary["mean"]["n_cases"] = len(per_case)
+    for k in CASE_COUNTS[1:]:
+        summary["mean"][k] = sum(summary[lab][k] for lab in labels)
     return summary
 
 
@@ -340,7 +431,8 @@ def evaluate_folders(
     Returns:
         ``{'per_case': [{'case', 'reference_file', 'prediction_file', 'spacing', 'metrics':
         {label: {...}}}, ...] (sorted by case), 'summary': {label: {metric: {'mean', 'sd', 'n',
-        'n_nan'}}, 'mean': {metric: {...}}}, 'settings': {...}}``.
+        'n_nan'}, 'n_cases', 'n_missed', 'n_hallucinated', 'n_both_empty'}, 'mean': {...}}
+        (:func:`summarise`), 'settings': {..., 'metrics_version'}}``.
 
     Raises:
         EvaluationError (a ``ValueError``): missing folders, unmatched cases, geometry mismatch.
@@ -409,6 +501,7 @@ def evaluate_folders(
             "nsd_tolerance_mm": float(nsd_tolerance_mm),
             "spacing_from": spacing_from,
             "file_ending": file_ending,
+            "metrics_version": METRICS_VERSION,
         },
     }
 
@@ -458,9 +551,12 @@ def _csv_text(rows: list[list[Any]]) -> str:
 def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``metrics_per_case.csv``, ``summary.csv`` and ``summary.json`` into ``out_dir``.
 
-    Each file is written to a temporary file in ``out_dir`` and renamed (``os.replace``). NaN is
-    written as ``nan`` in the CSVs and as ``null`` in the JSON (which holds the whole ``results``
-    dict, per-case values included). Returns the paths written.
+    ``summary.csv`` has, per class and for the mean over classes, ``<metric>_<mean|sd|n|n_nan>``
+    and the case counts ``n_cases``, ``n_missed``, ``n_hallucinated``, ``n_both_empty``; in
+    ``metrics_per_case.csv`` a missed / hallucinated class shows as ``n_pred`` / ``n_ref`` 0 (its
+    HD95 is the image-diagonal penalty). Each file is written to a temporary file in ``out_dir``
+    and renamed (``os.replace``). NaN is written as ``nan`` in the CSVs and as ``null`` in the JSON
+    (which holds the whole ``results`` dict, per-case values included). Returns the paths written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -472,10 +568,11 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
             per_case_rows.append([c["case"], lab, m["dice"], m["hd95"], m["nsd"], m["n_ref"], m["n_pred"]])
 
     stat_keys = ("mean", "sd", "n", "n_nan")
-    summary_rows: list[list[Any]] = [["label"] + [f"{m}_{s}" for m in METRICS for s in stat_keys]]
+    head = ["label"] + [f"{m}_{s}" for m in METRICS for s in stat_keys] + list(CASE_COUNTS)
+    summary_rows: list[list[Any]] = [head]
     for lab in [*labels, "mean"]:
         entry = results["summary"][lab]
-        summary_rows.append([lab] + [entry[m][s] for m in METRICS for s in stat_keys])
+        summary_rows.append([lab] + [entry[m][s] for m in METRICS for s in stat_keys] + [entry[k] for k in CASE_COUNTS])
 
     paths = {
         "per_case_csv": out / PER_CASE_CSV,
@@ -490,18 +587,21 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def format_summary(results: dict, label_names: dict[int, str] | None = None, tolerance_mm: float | None = None) -> str:
-    """Plain-text table of the per-class mean Dice / HD95 / NSD (and the mean over classes)."""
+    """Plain-text table of the per-class mean Dice / HD95 / NSD (and the mean over classes).
+
+    The last columns count the cases, and the cases where the class was missed / hallucinated
+    (HD95 there: the image-diagonal penalty); for the mean row these are summed over classes.
+    """
     if tolerance_mm is None:
         tolerance_mm = results.get("settings", {}).get("nsd_tolerance_mm")
     nsd_head = f"NSD@{tolerance_mm:g}mm" if tolerance_mm is not None else "NSD"
     label_names = label_names or {}
-    header = ["class", "Dice", "HD95 (mm)", nsd_head, "cases", "HD95 NaN"]
+    header = ["class", "Dice", "HD95 (mm)", nsd_head, "cases", "missed", "hallucinated"]
     rows = []
     for key, entry in results["summary"].items():
         name = "mean" if key == "mean" else f"{key} {label_names.get(key, '')}".strip()
-        n_cases = "" if key == "mean" else str(entry["dice"]["n"])
-        n_nan = "" if key == "mean" else str(entry["hd95"]["n_nan"])
-        rows.append([name] + [f"{entry[m]['mean']:.4f}" for m in METRICS] + [n_cases, n_nan])
+        counts = [str(entry[k]) for k in ("n_cases", "n_missed", "n_hallucinated")]
+        rows.append([name] + [f"{entry[m]['mean']:.4f}" for m in METRICS] + counts)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     for r in rows:

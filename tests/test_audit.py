@@ -9,6 +9,7 @@ import pytest
 
 from nnunet_mixsup.audit import AuditError, allowed_classes, audit_case, dice, summary_markdown
 from nnunet_mixsup.cli import main
+from nnunet_mixsup.evaluation import compute_case_metrics
 from nnunet_mixsup.manifest import Box, CaseSupervision
 
 
@@ -35,7 +36,30 @@ def test_allowed_classes_tags_none_and_2d_boxes():
 def test_dice_hand_values_and_empty_convention():
     p, r = np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0])
     assert dice(p, r, 1) == pytest.approx(2 / 3)
-    assert math.isnan(dice(p, r, 2))  # in neither map
+    assert dice(p, r, 2) == 1.0  # in neither map: a correct "absent", as in `nnunet-mixsup evaluate`
+    assert dice(np.array([0, 0, 0, 2]), r, 2) == 0.0 and dice(p, np.array([0, 0, 0, 0]), 1) == 0.0
+
+
+def test_dice_convention_is_the_evaluations():
+    """The audit's Dice and `evaluate`'s Dice agree, classes absent from one or both maps included."""
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 3, size=(5, 6, 7))  # class 3 in neither map, 4 only in the prediction
+    pred = rng.integers(0, 3, size=(5, 6, 7))
+    pred[0, 0, :3] = 4
+    ours = compute_case_metrics(ref, pred, [1, 2, 3, 4], (1.0, 1.0, 1.0))
+    for c in (1, 2, 3, 4):
+        assert dice(pred, ref, c) == pytest.approx(ours[c]["dice"])
+    assert dice(pred, ref, 3) == 1.0 and dice(pred, ref, 4) == 0.0
+
+
+def test_audit_case_class_absent_everywhere_scores_one_and_enters_the_mean():
+    probs = np.array([[0.9, 0.2], [0.1, 0.8], [0.0, 0.0]])  # class 2 never predicted
+    ref = np.array([0, 1])
+    r = audit_case(probs, np.ones((3, 2), bool), ref, [1, 2])
+    assert r["free"] == {1: 1.0, 2: 1.0}
+    rows = [{"run": "lower", "type": "box", "view": v, "dice_1": 0.5, "dice_2": math.nan, "dice_mean": 0.5,
+             "changed": 0.0} for v in ("free", "constrained")]
+    assert "| nan |" in summary_markdown(rows)  # a NaN is shown, not silently skipped
 
 
 def test_audit_case_constraint_removes_a_false_positive():

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from nnunet_mixsup.benchmark import (
+    DEFAULT_COSTS,
     LOWER,
+    SUMMARY_COLUMNS,
     UPPER,
     BenchmarkError,
     DenseDataset,
@@ -27,6 +29,7 @@ from nnunet_mixsup.benchmark import (
     gap_closed,
     mean_sd,
     plans_signature,
+    plot_summary,
     split_counts,
     summarise,
     summary_markdown,
@@ -80,8 +83,8 @@ def test_mean_sd_gap_and_gain():
     assert m == pytest.approx(0.6) and s == pytest.approx(math.sqrt(0.02))
     m, s = mean_sd([0.4])
     assert m == pytest.approx(0.4) and math.isnan(s)
-    m, s = mean_sd([0.2, math.nan, 0.4])
-    assert m == pytest.approx(0.3) and s == pytest.approx(math.sqrt(0.02))
+    m, s = mean_sd([0.2, math.nan, 0.4])  # a missing value is not skipped silently: no mean
+    assert math.isnan(m) and math.isnan(s)
     assert all(math.isnan(v) for v in mean_sd([]))
     assert gap_closed(0.7, 0.6, 0.9) == pytest.approx(1 / 3)
     assert gap_closed(0.9, 0.6, 0.9) == pytest.approx(1.0)
@@ -91,11 +94,12 @@ def test_mean_sd_gap_and_gain():
     assert dice_gain_points(0.734, 0.7) == pytest.approx(3.4)
 
 
-def _row(run: str, seed: int, cls: str, dice: float, budget: str = "0.1", cost: float = 2.0) -> dict:
+def _row(run: str, seed: int, cls: str, dice: float, budget: str = "0.1", cost: float = 2.0, missed: int = 0,
+         hallucinated: int = 0) -> dict:
     trainer = "nnUNetTrainer_MixSupBudget" if run in (LOWER, UPPER) else run
     return {"budget": "all" if run == UPPER else budget, "n_mask": 20 if run == UPPER else 2, "seed": seed,
             "run": run, "trainer": trainer, "class": cls, "dice": dice, "hd95": 10.0 * seed + 1.0, "nsd": dice,
-            "cost": cost}
+            "cost": cost, "n_cases": 5, "n_missed": missed, "n_hallucinated": hallucinated}
 
 
 def test_summarise_hand_values():
@@ -141,6 +145,110 @@ def test_summarise_budgets_sorted_and_unpaired_seeds():
     assert t["gap_closed"] == pytest.approx((0.45 - 0.4) / (0.8 - 0.4))
     up_02 = next(e for e in summary if e["run"] == UPPER and e["budget"] == "0.2")
     assert up_02["n_seeds"] == 1 and up_02["dice_mean"] == pytest.approx(0.8)
+
+
+def test_summarise_carries_missed_and_hallucinated_counts():
+    """Cases where a class is missed / hallucinated are summed over seeds into the summary, its table and plots."""
+    rows = [_row(LOWER, 0, "a", 0.5, missed=2), _row(LOWER, 1, "a", 0.6, missed=1, hallucinated=1),
+            _row(LOWER, 0, "mean", 0.5, missed=2), _row(LOWER, 1, "mean", 0.6, missed=1, hallucinated=3),
+            _row("T", 0, "a", 0.7), _row("T", 0, "mean", 0.7)]
+    summary = summarise(rows)
+    by = {(e["run"], e["class"]): e for e in summary}
+    assert (by[(LOWER, "a")]["n_missed"], by[(LOWER, "a")]["n_hallucinated"], by[(LOWER, "a")]["n_cases"]) == (3, 1, 10)
+    assert (by[(LOWER, "mean")]["n_missed"], by[(LOWER, "mean")]["n_hallucinated"]) == (3, 3)
+    assert (by[("T", "mean")]["n_missed"], by[("T", "mean")]["n_hallucinated"]) == (0, 0)
+    assert {"n_cases", "n_missed", "n_hallucinated"} <= set(SUMMARY_COLUMNS)
+    md = summary_markdown(summary)
+    assert "missed / hallucinated" in md
+    lower_line = next(line for line in md.splitlines() if line.startswith("| lower |"))
+    assert "| 3 / 3 |" in lower_line
+    assert "| 0 / 0 |" in next(line for line in md.splitlines() if line.startswith("| T |"))
+
+
+def test_plots_mark_missed_and_hallucinated_cases(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    texts: list[str] = []
+    original = Axes.annotate
+
+    def recording(self, text, *args, **kwargs):
+        texts.append(text)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "annotate", recording)
+    rows = [_row(LOWER, 0, "mean", 0.5, missed=2, hallucinated=1), _row("T", 0, "mean", 0.7),
+            _row(UPPER, 0, "mean", 0.9, cost=20.0, hallucinated=4)]
+    paths = plot_summary(summarise(rows), tmp_path, DEFAULT_COSTS)
+    assert [p.name for p in paths] == ["dice_vs_budget.png", "dice_vs_cost.png"]
+    assert texts.count("2 missed, 1 halluc.") == 2  # the lower point in both plots
+    assert texts.count("0 missed, 4 halluc.") == 2  # upper: its line / point
+    assert not any(t.startswith("0 missed, 0 halluc.") for t in texts)  # nothing to mark for T
+
+
+def _eval_summary(version):
+    """An evaluation ``summary.json`` as write_results stores it (string keys)."""
+    per_class = {"1": (0.8, 3.0, 0.9, 1, 0), "2": (0.4, 50.0, 0.3, 0, 2), "mean": (0.6, 26.5, 0.6, 1, 2)}
+    summary = {k: {"dice": {"mean": d}, "hd95": {"mean": h}, "nsd": {"mean": n}, "n_cases": 3, "n_missed": mi,
+                   "n_hallucinated": ha, "n_both_empty": 0} for k, (d, h, n, mi, ha) in per_class.items()}
+    settings = {} if version is None else {"metrics_version": version}
+    return {"summary": summary, "settings": settings}
+
+
+def test_result_rows_carry_counts_and_refuse_old_metric_definitions():
+    from nnunet_mixsup.benchmark import RESULT_COLUMNS, Run, result_rows
+    from nnunet_mixsup.evaluation import METRICS_VERSION
+
+    dense = DenseDataset(Path("/nowhere"), 961, "Dataset961_Dense", [f"c{i}" for i in range(6)], ["t0", "t1", "t2"],
+                         [1, 2], {1: "blob", 2: "dot"}, None, ".nii.gz")
+    run = Run("m0.1_s0_lower", "0.1", 0, LOWER, "nnUNetTrainer_MixSupBudget", 700, "Dataset700_X", 1,
+              {"mask": 2, "box": 0, "tags": 0, "none": 0}, 2)
+    rows = result_rows(run, _eval_summary(METRICS_VERSION), dense, DEFAULT_COSTS)
+    assert [(r["class"], r["hd95"], r["n_cases"], r["n_missed"], r["n_hallucinated"]) for r in rows] == \
+        [("blob", 3.0, 3, 1, 0), ("dot", 50.0, 3, 0, 2), ("mean", 26.5, 3, 1, 2)]
+    assert {"n_cases", "n_missed", "n_hallucinated"} <= set(RESULT_COLUMNS)
+    # an evaluation written before HD95 became the max of the directed percentiles (no version)
+    for old in (None, METRICS_VERSION - 1):
+        with pytest.raises(BenchmarkError, match="m0.1_s0_lower.*older metric definitions"):
+            result_rows(run, _eval_summary(old), dense, DEFAULT_COSTS)
+
+
+def test_a_real_evaluation_through_the_benchmark_tables(tmp_path):
+    """evaluate_folders -> summary.json -> results rows -> summary.csv / .md: a missed class is counted and penalised."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunet_mixsup.benchmark import RESULT_COLUMNS, Run, _summary_input, result_rows, write_csv
+    from nnunet_mixsup.evaluation import evaluate_folders, write_results
+
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    for case, hit in (("t0", True), ("t1", False)):
+        ref = np.zeros((1, 10, 20), np.uint8)
+        ref[0, 2:6, 2:6] = 1
+        ref[0, 2:6, 12:16] = 2
+        pred = ref.copy()
+        if not hit:
+            pred[pred == 2] = 0  # class 2 missed
+        for folder, arr in ((ref_dir, ref), (pred_dir, pred)):
+            sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / f"{case}.nii.gz"))
+    write_results(evaluate_folders(ref_dir, pred_dir, [1, 2]), tmp_path / "ev")
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    dense = DenseDataset(tmp_path, 961, "Dataset961_Dense", ["c0", "c1"], ["t0", "t1"], [1, 2], {1: "a", 2: "b"},
+                         None, ".nii.gz")
+    run = Run("m1_s0_lower", "1", 0, LOWER, "nnUNetTrainer_MixSupBudget", 700, "Dataset700_X", 1,
+              {"mask": 1, "box": 0, "tags": 0, "none": 0}, 1)
+    rows = result_rows(run, summary, dense, DEFAULT_COSTS)
+    diagonal = math.sqrt(1 + 10**2 + 20**2)
+    b = next(r for r in rows if r["class"] == "b")
+    assert (b["dice"], b["n_cases"], b["n_missed"], b["n_hallucinated"]) == (0.5, 2, 1, 0)
+    assert b["hd95"] == pytest.approx(diagonal / 2)  # 0 on t0, the image diagonal on t1: both counted
+    write_csv(tmp_path / "results.csv", RESULT_COLUMNS, rows)
+    assert _csv(tmp_path / "results.csv")[1]["n_missed"] == "1"
+    entries = summarise(_summary_input(rows))
+    mean = next(e for e in entries if e["class"] == "mean")
+    assert (mean["n_missed"], mean["n_hallucinated"], mean["n_cases"]) == (1, 0, 2)
+    assert "| 1 / 0 |" in summary_markdown(entries)
 
 
 def test_plans_signature():
