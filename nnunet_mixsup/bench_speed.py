@@ -29,12 +29,14 @@ import torch
 def _make_trainer(name: str, plans: dict, config: str, dataset_json: dict, device: torch.device):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_mixsup.ext_trainers import mixsup_trainers as registry  # every public trainer class
+    import nnunet_mixsup.trainers as public
+    from nnunet_mixsup.lab import experiment_trainers
 
-    cls = nnUNetTrainer if name == "nnUNetTrainer" else getattr(registry, name, None)
+    cls = nnUNetTrainer if name == "nnUNetTrainer" else \
+        getattr(public, name, None) or getattr(experiment_trainers, name, None)
     if cls is None:
-        raise ValueError(f"unknown trainer {name!r}; choose from nnUNetTrainer and "
-                         f"{sorted(k for k in vars(registry) if 'Trainer' in k)}")
+        raise ValueError(f"unknown trainer {name!r}; choose from nnUNetTrainer, {', '.join(public.PUBLIC_TRAINERS)} "
+                         f"and the experiment trainers of nnunet_mixsup.lab.experiment_trainers")
     p = json.loads(json.dumps(plans))
     p["continue_training"] = False
     tr = cls(p, config, 0, dataset_json, device=device)
@@ -51,12 +53,12 @@ def at_full_schedule(trainer) -> None:
     before building the loaders (their batch composition depends on the phase). Stock trainers are
     left alone.
     """
-    from nnunet_mixsup.trainer import MixSupTrainerBase
+    from nnunet_mixsup.trainers import MixSupTrainerBase
 
     if not isinstance(trainer, MixSupTrainerBase):
         return
     trainer.current_epoch = trainer.num_epochs - 1
-    if hasattr(trainer, "self_training_start"):
+    if hasattr(trainer, "schedule"):
         n = len(trainer.label_manager.foreground_regions if trainer.label_manager.has_regions
                 else trainer.label_manager.foreground_labels)
         trainer.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"] = \
@@ -141,9 +143,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("-d", required=True, help="dataset id (preprocessed)")
     s.add_argument("-c", default="3d_fullres", help="configuration")
     s.add_argument("-p", default="nnUNetPlans", help="plans name")
-    s.add_argument("-tr", nargs="+", default=["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_WeakOnly",
-                                          "MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch",
-                                          "MixSupTrainer_DMD"])
+    s.add_argument("-tr", nargs="+", default=["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_MeanTeacher",
+                                          "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"])
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--loader-batches", type=int, default=None,
                    help="batches each loader produces (timed; the steps cycle through them); default steps + 2")

@@ -26,10 +26,11 @@ from nnunet_mixsup.progress import run_logged
 
 SOURCE_ID, TARGET_ID = 990, 991
 PLANS = "nnUNetPlans_demo"
-RUNS = {  # name -> (dataset id, trainer, fold, description)
-    "lower": (TARGET_ID, "nnUNetTrainer_MixSupDemo", 1, "nnUNetTrainer, mask cases only"),
-    "mixsup": (TARGET_ID, "MixSupTrainer_Demo", 0, "MixSupTrainer, masks + weak labels"),
-    "upper": (SOURCE_ID, "nnUNetTrainer_MixSupDemo", 0, "nnUNetTrainer, all cases fully masked"),
+DEMO_EPOCHS, DEMO_ITERATIONS = 80, 25  # shorter runs can miss the small ventricle class entirely
+RUNS = {  # name -> (dataset id, trainer, fold, description); the budget comes from the environment
+    "lower": (TARGET_ID, "nnUNetTrainer_MixSupBudget", 1, "nnUNetTrainer, mask cases only"),
+    "mixsup": (TARGET_ID, "MixSupTrainer", 0, "MixSupTrainer, masks + weak labels"),
+    "upper": (SOURCE_ID, "nnUNetTrainer_MixSupBudget", 0, "nnUNetTrainer, all cases fully masked"),
 }
 
 
@@ -52,8 +53,8 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
              n_test: int = 10, skip_upper: bool = False, extra_trainers: tuple[str, ...] = ()) -> Path:
     """Run the demo in ``workdir``; returns the path of the results table (Markdown).
 
-    ``extra_trainers``: further MixSup trainer variants (e.g. ``MixSupTrainer_WeakOnly``), trained
-    on the mixed-supervision dataset like ``MixSupTrainer`` (same plans, budget via their own class).
+    ``extra_trainers``: further public MixSup trainers (e.g. ``MixSupTrainer_MeanTeacher``), trained
+    on the mixed-supervision dataset like ``MixSupTrainer`` (same plans and budget).
     """
     from nnunet_mixsup.cli import trainers_path
 
@@ -66,10 +67,9 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
     env.setdefault("nnUNet_def_n_proc", "1")
     env.setdefault("nnUNet_n_proc_DA", "1")
     env.setdefault("nnUNet_mixsup_no_plot", "1")
-    # extra trainers (no _Demo class of their own) get the demo budget through the environment
-    from nnunet_mixsup.trainer import nnUNetTrainer_MixSupDemo as budget
-    env.setdefault("nnUNet_mixsup_epochs", str(budget.demo_epochs))
-    env.setdefault("nnUNet_mixsup_iterations", str(budget.demo_iterations))
+    # every run (baselines included) gets the same budget through the environment
+    env.setdefault("nnUNet_mixsup_epochs", str(DEMO_EPOCHS))
+    env.setdefault("nnUNet_mixsup_iterations", str(DEMO_ITERATIONS))
     env.setdefault("nnUNet_mixsup_val_iterations", "5")
     log = workdir / "demo_log.txt"
     t0 = time.time()
@@ -209,7 +209,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--train", type=int, default=20)
     s.add_argument("--test", type=int, default=10)
     s.add_argument("--skip-upper", action="store_true", help="do not train the fully supervised upper bound")
-    s.add_argument("--extra-trainers", nargs="*", default=[], help="more MixSup variants to compare, e.g. "
-                                                                  "MixSupTrainer_WeakOnly_Demo")
+    s.add_argument("--extra-trainers", nargs="*", default=[], help="more MixSup trainers to compare, e.g. "
+                                                                  "MixSupTrainer_MeanTeacher")
     s.set_defaults(func=lambda a: (run_demo(a.workdir, a.config, a.seed, a.masks, a.train, a.test, a.skip_upper,
                                             tuple(a.extra_trainers)), 0)[1])

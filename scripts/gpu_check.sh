@@ -17,7 +17,7 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 SIZE=${MIXSUP_GPU_SIZE:-160 160 96}
 STEPS=${MIXSUP_GPU_STEPS:-8}
-TRAINERS=${MIXSUP_GPU_TRAINERS:-MixSupTrainer MixSupTrainer_MLDS MixSupTrainer_WeakOnly MixSupTrainer_MeanTeacher \
+TRAINERS=${MIXSUP_GPU_TRAINERS:-MixSupTrainer MixSupTrainer_MLDS MixSupTrainer_MeanTeacher \
 MixSupTrainer_DualBranch MixSupTrainer_DMD MixSupTrainer_StrongView}
 W=$(mktemp -d)
 export nnUNet_raw=$W/raw nnUNet_preprocessed=$W/pp nnUNet_results=$W/res PYTHONUNBUFFERED=1

@@ -9,35 +9,35 @@ from nnunet_mixsup.manifest import TYPE_CODES
 
 
 def test_bench_speed_rows_and_self_training_phase(planned_2d, monkeypatch):
-    import nnunet_mixsup.trainer_distill as TD
+    import nnunet_mixsup.trainers.mixsup as M
 
     calls, batches = [], []
-    real_teacher, real_step = TD.MixSupTrainer.teacher_pseudo_labels, TD.MixSupTrainer.train_step
+    real_teacher, real_step = M.teacher_pseudo_labels, M.MixSupTrainer.train_step
 
-    def teacher(self, *a):
-        calls.append(type(self).__name__)
-        return real_teacher(self, *a)
+    def teacher(*a, **k):
+        calls.append("teacher")
+        return real_teacher(*a, **k)
 
     def step(self, batch):
         batches.append(batch["sup_type"].clone())
         return real_step(self, batch)
 
-    monkeypatch.setattr(TD.MixSupTrainer, "teacher_pseudo_labels", teacher)
-    monkeypatch.setattr(TD.MixSupTrainer, "train_step", step)
+    monkeypatch.setattr(M, "teacher_pseudo_labels", teacher)
+    monkeypatch.setattr(M.MixSupTrainer, "train_step", step)
     rows = bench_speed(planned_2d["id"], "2d", planned_2d["plans"], ["MixSupTrainer"], steps=2, warmup=1,
                        device="cpu")
     assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "MixSupTrainer"]
     assert rows[0]["step_ratio"] == 1.0 and rows[0]["loader_ratio"] == 1.0
     assert all(math.isfinite(r[k]) and r[k] > 0 for r in rows for k in ("step_s", "step_ratio", "loader_batches_per_s"))
     # measured after its warm-up: the teacher labels the weak samples of mixed batches at every step
-    assert calls == ["MixSupTrainer"] * 3
+    assert calls == ["teacher"] * 3
     assert any((b != TYPE_CODES["mask"]).any() for b in batches)
     table = format_rows(rows, "cpu")
     assert table.count("\n") == 3 and "| MixSupTrainer |" in table
 
 
 def test_loader_batches_are_cycled_and_made_in_process(planned_2d, monkeypatch):
-    import nnunet_mixsup.trainer_distill as TD
+    import nnunet_mixsup.trainers.mixsup as TD
 
     seen, procs = [], []
     real_step, real_loaders = TD.MixSupTrainer.train_step, TD.MixSupTrainer.get_dataloaders

@@ -304,11 +304,11 @@ def test_no_upper_skips_only_the_upper_bound_runs(tmp_path):
     sup = {s.id: counts for s in sims}
     full = _run_list(_cfg("--seeds", "0", "1"), sims, dense, sup)
     assert [r.run for r in full] == [LOWER, "MixSupTrainer", UPPER] * 2
-    cfg = _cfg("--seeds", "0", "1", "--no-upper", "--add-trainers", "MixSupTrainer_Thr50")
+    cfg = _cfg("--seeds", "0", "1", "--no-upper", "--add-trainers", "MixSupTrainer_StrongView")
     assert cfg.upper is False and _cfg().upper is True
     runs = _run_list(cfg, sims, dense, sup)
-    assert [(r.run, r.seed) for r in runs] == [(LOWER, 0), ("MixSupTrainer", 0), ("MixSupTrainer_Thr50", 0),
-                                               (LOWER, 1), ("MixSupTrainer", 1), ("MixSupTrainer_Thr50", 1)]
+    assert [(r.run, r.seed) for r in runs] == [(LOWER, 0), ("MixSupTrainer", 0), ("MixSupTrainer_StrongView", 0),
+                                               (LOWER, 1), ("MixSupTrainer", 1), ("MixSupTrainer_StrongView", 1)]
 
 
 def test_mask_only_trainers_are_charged_their_masks_only(tmp_path):
@@ -317,9 +317,10 @@ def test_mask_only_trainers_are_charged_their_masks_only(tmp_path):
     counts = {"mask": 1, "box": 4, "tags": 2, "none": 3}
     sims = [SimDataset("0.1", 0.1, 0, counts, 961, "Dataset961_x_s0")]
     runs = _run_list(_cfg("--seeds", "0", "--no-upper", "--trainers", "MixSupTrainer", "MixSupTrainer_MLDS",
-                          "MixSupTrainer_WeakOnly"), sims, dense, {961: counts})
+                          "MixSupTrainer_MeanTeacher", "MixSupTrainer_MaskOnly2x"), sims, dense, {961: counts})
     by_run = {r.run: r.counts for r in runs}
-    assert by_run["MixSupTrainer"] == by_run["MixSupTrainer_WeakOnly"] == counts
+    assert by_run["MixSupTrainer"] == by_run["MixSupTrainer_MeanTeacher"] == counts
+    assert by_run["MixSupTrainer_MaskOnly2x"] == {"mask": 1, "box": 0, "tags": 0, "none": 0}
     assert by_run["MixSupTrainer_MLDS"] == by_run[LOWER] == {"mask": 1, "box": 0, "tags": 0, "none": 0}
     assert annotation_cost(by_run["MixSupTrainer_MLDS"]) == 1.0
 

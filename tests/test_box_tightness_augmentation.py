@@ -21,7 +21,7 @@ from nnunet_mixsup.data import (
     unpack_targets,
 )
 from nnunet_mixsup.losses import BoxProjectionLoss
-from nnunet_mixsup.trainer import boxes_inside_patch
+from nnunet_mixsup.trainers.mixsup import boxes_inside_patch
 
 K = 2  # foreground classes; class 1 is the object, class 2 has no box (absent)
 

@@ -17,7 +17,7 @@ from nnunet_mixsup.splits import mixsup_splits
 #: longer imports or no longer registers it) fails here instead of being skipped
 SUBCOMMANDS = ["trainers-path", "prepare", "plan_and_preprocess", "small-plans", "synthetic-data", "simulate",
                "demo-data", "evaluate", "demo", "bench-speed", "benchmark", "weak-label-audit", "convert",
-               "import-boxes", "import-tags"]
+               "import-boxes", "import-tags", "show"]
 
 
 def _registered() -> dict:
@@ -84,9 +84,11 @@ def test_trainer_found_by_nnunet_and_picklable(monkeypatch):
     import nnunetv2.utilities.find_objects as fo
 
     importlib.reload(fo)
-    for name in ("MixSupTrainer", "MixSupTrainer_Smoke"):
+    from nnunet_mixsup.trainers import PUBLIC_TRAINERS
+
+    for name in PUBLIC_TRAINERS:
         cls = fo.recursive_find_trainer_class_by_name(name)
-        assert cls.__module__ == "nnunet_mixsup.trainer_distill"
+        assert cls.__module__.startswith("nnunet_mixsup.trainers.")
         assert pickle.loads(pickle.dumps(cls)) is cls
 
 

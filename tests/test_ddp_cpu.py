@@ -48,12 +48,12 @@ class TinyDSNet(nn.Module):
 def _fake_trainer():
     """The attributes ``supervised_loss`` reads, without building an nnU-Net trainer (which needs CUDA under DDP)."""
     from nnunet_mixsup.losses import KnownVoxelCrossEntropyLoss
-    from nnunet_mixsup.trainer import MixSupTrainerBase
+    from nnunet_mixsup.trainers import MixSupTrainerBase
 
     t = MixSupTrainerBase.__new__(MixSupTrainerBase)
     t.label_manager = types.SimpleNamespace(ignore_label=IGNORE)
     t.is_ddp = True
-    t.separate_group_losses = True
+    t.compiles_network = False
     t.weak_supervised_weight = 1.0
     t.weak_ce = KnownVoxelCrossEntropyLoss(IGNORE)
     return t

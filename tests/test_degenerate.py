@@ -29,7 +29,7 @@ from nnunet_mixsup.synthetic import boxes_from_label, make_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
-TRAINERS = ["MixSupTrainer", "MixSupTrainer_WeakOnly", "MixSupTrainer_MLDS", "MixSupTrainer_MeanTeacher"]
+TRAINERS = ["MixSupTrainer", "MixSupTrainer_MLDS", "MixSupTrainer_MeanTeacher"]
 SUPERSET_ID, SINGLE_ID = 981, 982
 
 
@@ -119,15 +119,13 @@ def make_scenario(dirs: dict, name: str, ids: list[str], splits: list[dict] | No
 
 
 def make_trainer(cls_name: str, info: dict, **attrs):
-    import nnunet_mixsup.trainer as T
-    import nnunet_mixsup.trainer_distill as TD
+    from helpers import trainer_class
 
     plans = load_json(str(info["pp"] / f"{info['plans']}.json"))
     plans["configurations"]["2d"] = shrink_configuration(plans["configurations"]["2d"], 32, base_features=4)
     plans["continue_training"] = False  # nnU-Net 2.8.1's run_training puts this into the plans
     dj = load_json(str(info["pp"] / "dataset.json"))
-    cls = getattr(TD, cls_name, None) or getattr(T, cls_name)
-    tr = cls(plans, "2d", 0, dj, device=torch.device("cpu"))
+    tr = trainer_class(cls_name)(plans, "2d", 0, dj, device=torch.device("cpu"))
     tr.num_iterations_per_epoch = 2
     tr.num_val_iterations_per_epoch = 1
     tr.batch_size = 4
@@ -184,7 +182,7 @@ def test_one_weak_type_trains(scenarios, scenario, cls_name):
         assert all(sup[k].type == "mask" for k in tr.do_split()[1])
 
 
-@pytest.mark.parametrize("cls_name", ["MixSupTrainer", "MixSupTrainer_WeakOnly", "MixSupTrainer_MeanTeacher"])
+@pytest.mark.parametrize("cls_name", ["MixSupTrainer", "MixSupTrainer_MeanTeacher"])
 @pytest.mark.parametrize("scenario", ["OnlyNone", "OnlyBoxes"])
 def test_batches_without_a_mask_sample(scenarios, scenario, cls_name):
     """strong_fraction 0: every sample of every batch is weak (for OnlyNone: nothing but ignore labels).
@@ -192,9 +190,10 @@ def test_batches_without_a_mask_sample(scenarios, scenario, cls_name):
     The default trainer's mask-only warm-up is taken as over (self-training started at epoch 0),
     so its pseudo-label path runs on batches without any mask sample.
     """
-    import nnunet_mixsup.trainer_distill as TD
+    from helpers import trainer_class
 
-    extra = {"self_training_start": lambda: 0} if hasattr(getattr(TD, cls_name, None), "self_training_start") else {}
+    extra = {"self_training_start": lambda: 0, "pseudo_ramp": lambda: 1.0} \
+        if hasattr(trainer_class(cls_name), "self_training_start") else {}
     tr = make_trainer(cls_name, scenarios[scenario], strong_fraction=0.0, **extra)
     res = train_steps(tr)
     for batch, _ in res:
@@ -216,7 +215,7 @@ def test_small_batch_keeps_the_expected_mask_share(scenarios):
 
 
 @pytest.mark.parametrize("cls_name", [
-    "MixSupTrainer", "MixSupTrainer_WeakOnly", "MixSupTrainer_MLDS",
+    "MixSupTrainer", "MixSupTrainer_MLDS",
     "MixSupTrainer_MeanTeacher",
     "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"])
 def test_single_case_dataset(dirs, cls_name):

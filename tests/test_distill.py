@@ -4,42 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
+from helpers import batches, make_trainer
 
 from nnunet_mixsup.losses import pseudo_label_map
 from nnunet_mixsup.manifest import TYPE_CODES
-from nnunet_mixsup.plans import shrink_configuration
 
-DISTILL = ["MixSupTrainer_MeanTeacher", "MixSupTrainer_SelfTrain", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"]
-
-
-def _trainer(cls_name, info, config, device="cpu", **attrs):
-    import nnunet_mixsup.trainer as T
-    import nnunet_mixsup.trainer_distill as TD
-
-    plans = load_json(str(info["pp"] / f"{info['plans']}.json"))
-    plans["configurations"][config] = shrink_configuration(plans["configurations"][config], 32, base_features=4)
-    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training puts this into the plans
-    dj = load_json(str(info["pp"] / "dataset.json"))
-    cls = getattr(TD, cls_name, None) or getattr(T, cls_name)
-    tr = cls(plans, config, 0, dj, device=torch.device(device))
-    tr.num_iterations_per_epoch = 2
-    tr.num_val_iterations_per_epoch = 1
-    for k, v in attrs.items():
-        setattr(tr, k, v)
-    tr.initialize()
-    return tr
-
-
-def _batches(tr, n, val=False):
-    """``n`` batches of the trainer's own training (or validation) loader; both loaders are closed."""
-    dl_tr, dl_val = tr.get_dataloaders()
-    try:
-        return [next(dl_val if val else dl_tr) for _ in range(n)]
-    finally:
-        for d in (dl_tr, dl_val):
-            if hasattr(d, "_finish"):
-                d._finish()
+DISTILL = ["MixSupTrainer", "MixSupTrainer_MeanTeacher", "MixSupTrainer_DualBranch", "MixSupTrainer_DMD"]
+_trainer = make_trainer
+_batches = batches
 
 
 def _state(module):
@@ -126,71 +98,64 @@ def test_mean_teacher_is_ema_of_student_and_gets_no_gradient(planned_2d):
         assert torch.allclose(v, 0.5 * t0[k] + 0.5 * s1[k].detach(), atol=1e-6)
 
 
-def test_self_train_waits_then_trains_the_clean_head_on_constrained_pseudo_labels(planned_2d, monkeypatch):
-    tr = _trainer("MixSupTrainer_SelfTrain", planned_2d, "2d")
-    assert "pseudo_head" not in tr.extra_modules and tr.pseudo_on_clean_head
-    tr.num_epochs = 10
-    b = _batches(tr, 1)[0]
-    calls = []
-    real = tr.teacher_pseudo_labels
+def _spy_teacher(monkeypatch) -> list:
+    """Record every call of the EMA teacher's pseudo labelling (inputs and result)."""
+    import nnunet_mixsup.trainers.mixsup as M
 
-    def spy(data, seg0, allowed0, selected):
-        out = real(data, seg0, allowed0, selected)
-        calls.append((selected.clone(), allowed0.clone(), seg0.clone(), out.clone()))
+    calls: list = []
+    real = M.teacher_pseudo_labels
+
+    def spy(teacher, data, seg0, allowed0, rows, *a, **k):
+        out = real(teacher, data, seg0, allowed0, rows, *a, **k)
+        calls.append({"data": data.clone(), "rows": rows.clone(), "allowed0": allowed0.clone(),
+                      "seg0": seg0.clone(), "pseudo": out.clone()})
         return out
 
-    monkeypatch.setattr(tr, "teacher_pseudo_labels", spy)
-    tr.current_epoch = 3  # before pseudo_start (0.4 * 10): plain MixSupTrainer, no teacher pass
-    assert tr.distill_ramp() == 0.0
-    out = tr.train_step(b)
-    assert out["loss_pseudo"] == 0.0 and not calls
-    tr.current_epoch = 4
-    assert tr.distill_ramp() == pytest.approx(0.5)  # linear over 0.2 * 10 epochs: (4 - 4 + 1) / 2
-    tr.current_epoch = 6
-    assert tr.distill_ramp() == 1.0
-    out = tr.train_step(b)
-    assert len(calls) == 1 and out["loss_pseudo"] != 0.0
-    assert out["loss_box"] == 0.0  # faded out at full ramp
-    selected, allowed0, seg0, pseudo = calls[0]
-    sup = b["sup_type"].to(selected.device)
-    assert torch.equal(selected, sup != TYPE_CODES["mask"])
-    ignore = tr.label_manager.ignore_label
-    known = seg0 != ignore
-    assert torch.equal(pseudo[known], seg0[known])  # real labels are never overwritten
-    for k in range(allowed0.shape[1]):  # a pseudo label never contradicts a box or a tag
-        assert not ((pseudo[:, 0] == k + 1) & (allowed0[:, k] == 0)).any()
-    mask_rows = ~selected
-    assert torch.equal(pseudo[mask_rows], seg0[mask_rows])
+    monkeypatch.setattr(M, "teacher_pseudo_labels", spy)
+    return calls
 
 
-def test_mask_first_warms_up_on_masks_until_every_class_is_found_then_self_trains(planned_2d):
-    tr = _trainer("MixSupTrainer_MaskFirst", planned_2d, "2d")
+def test_mixsup_warms_up_on_masks_until_every_class_is_found_then_self_trains(planned_2d, monkeypatch):
+    tr = _trainer("MixSupTrainer", planned_2d, "2d")
     tr.num_epochs = 10
-    assert tr.box_weight == 0.0 and tr.pseudo_on_clean_head
+    calls = _spy_teacher(monkeypatch)
     log = tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"]
     n = len(tr.label_manager.foreground_labels)
     log[:] = [[0.9] * (n - 1) + [0.0]] * 5  # epochs 0-4: the last (small) class not found yet
     tr.current_epoch = 5
-    assert tr.self_training_start() is None and tr.distill_ramp() == 0.0
+    assert tr.self_training_start() is None and tr.pseudo_ramp() == 0.0
     assert tr.mask_only_batches_left() > 10 ** 9
+    assert "not used" in tr.schedule_report() or "never used" in tr.schedule_report()
     tr.on_train_start()  # builds the loaders: warm-up batches, stock nnU-Net on the mask cases
     try:
         b = next(tr.dataloader_train)
         assert (b["sup_type"] == TYPE_CODES["mask"]).all()
-        assert tr.train_step(b)["loss_pseudo"] == 0.0
-        log.append([0.9] * n)  # epoch 5: every class found -> start at epoch 6 (after pseudo_start 0.4)
+        out = tr.train_step(b)
+        assert out["loss_pseudo"] == 0.0 and not calls  # no teacher pass in the warm-up
+        log.append([0.9] * n)  # epoch 5: every class found -> start at epoch 6 (after earliest 0.4)
         tr.current_epoch = 6
-        assert tr.self_training_start() == 6 and tr.distill_ramp() == pytest.approx(0.5)
+        assert tr.self_training_start() == 6 and tr.pseudo_ramp() == pytest.approx(0.5)  # over 0.2 * 10 epochs
         tr.on_epoch_start()  # rebuilds the loaders with mixed batches
         mixed = [next(tr.dataloader_train) for _ in range(3)]
         assert any((m["sup_type"] != TYPE_CODES["mask"]).any() for m in mixed)
-        out = tr.train_step(mixed[0])
-        assert out["loss_box"] == 0.0 and out["loss_pseudo"] != 0.0
+        m = next(m for m in mixed if (m["sup_type"] != TYPE_CODES["mask"]).any())
+        out = tr.train_step(m)
+        assert out["loss_pseudo"] != 0.0 and len(calls) == 1
+        assert "from epoch 6" in tr.schedule_report()
     finally:
         for d in (tr.dataloader_train, tr.dataloader_val):
             if hasattr(d, "_finish"):
                 d._finish()
-    log[:] = [[0.9] * n] * 3  # ready from epoch 0 on: still not before pseudo_start (epoch 4)
+    c = calls[0]
+    sup = m["sup_type"].to(c["rows"].device)
+    assert torch.equal(c["rows"], sup != TYPE_CODES["mask"])
+    ignore = tr.label_manager.ignore_label
+    known = c["seg0"] != ignore
+    assert torch.equal(c["pseudo"][known], c["seg0"][known])  # real labels are never overwritten
+    for k in range(c["allowed0"].shape[1]):  # a pseudo label never contradicts a box or a tag
+        assert not ((c["pseudo"][:, 0] == k + 1) & (c["allowed0"][:, k] == 0)).any()
+    assert torch.equal(c["pseudo"][~c["rows"]], c["seg0"][~c["rows"]])
+    log[:] = [[0.9] * n] * 3  # ready from epoch 0 on: still not before the earliest start (epoch 4)
     tr.current_epoch = 3
     assert tr.self_training_start() is None
     tr.current_epoch = 9  # as after --c: the start is recomputed from the restored log
@@ -199,48 +164,58 @@ def test_mask_first_warms_up_on_masks_until_every_class_is_found_then_self_train
     assert tr.self_training_start() == 4 and tr.mask_only_batches_left() == 0
 
 
-def test_mask_first_stock_ds_warm_up_loss_is_nnunets_own(planned_2d):
-    from nnunet_mixsup.trainer import as_list
+def test_schedule_report_names_the_classes_that_kept_the_weak_cases_out():
+    from nnunet_mixsup.trainers import SelfTrainingSchedule
 
-    tr = _trainer("MixSupTrainer_MaskFirst_StockDS", planned_2d, "2d")
+    s = SelfTrainingSchedule(earliest=0.4, min_dice=0.5, rampup=0.2)
+    hist = [[0.8, 0.1], [0.9, 0.3]] * 5
+    msg = s.report(hist, 9, 10, ["amygdala", "putamen"])
+    assert "never used" in msg and "putamen (best 0.30)" in msg and "amygdala" not in msg
+    hist[5] = [0.9, 0.6]  # epoch 5 ready -> start at 6
+    assert s.start_epoch(hist, 9, 10) == 6
+    assert "from epoch 6" in s.report(hist, 9, 10, ["amygdala", "putamen"])
+    assert s.ramp(hist, 6, 10) == pytest.approx(0.5) and s.ramp(hist, 7, 10) == 1.0
+    assert s.ready([float("nan"), 0.5]) and not s.ready([0.49, 0.9])
+
+
+def test_mixsup_warm_up_loss_is_nnunets_own(planned_2d):
+    from nnunet_mixsup.trainers.mixsup import as_list
+
+    tr = _trainer("MixSupTrainer", planned_2d, "2d")
     b = _batches(tr, 1)[0]  # no validation Dice logged yet: warm-up, mask samples only
     assert (b["sup_type"] == TYPE_CODES["mask"]).all()
     seg = [t[:, :1] for t in b["target"]]
     allowed = [t[:, 1:] for t in b["target"]]
+    torch.manual_seed(0)
     with torch.no_grad():
+        terms = tr.forward_and_loss(b["data"], seg, allowed, b)
         output = as_list(tr.network(b["data"]))
-        terms = tr.compute_loss(output, seg, allowed, b)
-        assert len(output) > 1
-        assert {k: float(terms[k]) for k in ("mlds", "negatives", "box")} == {"mlds": 0.0, "negatives": 0.0, "box": 0.0}
+        assert len(output) > 1 and set(terms) == {"supervised"}  # no other term is computed
         assert torch.allclose(terms["supervised"], tr.loss(output, seg))  # nnU-Net's deep-supervised Dice + CE
-        tr.mlds_on_mask_samples = True  # MaskFirst: MLDS at the coarse outputs instead
-        terms = tr.compute_loss(output, seg, allowed, b)
-        assert float(terms["mlds"]) > 0.0 and not torch.allclose(terms["supervised"], tr.loss(output, seg))
 
 
 @pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
 def test_cutmix_student_sees_mixed_weak_samples_teacher_the_unmixed_batch(which, config, request, monkeypatch):
     # tiny plans have batch 2: strong_fraction 0.3 gives batches of two weak samples and mixed ones
-    tr = _trainer("MixSupTrainer_CutMix", request.getfixturevalue(which), config, cutmix_prob=1.0,
-                  strong_fraction=0.3)
+    tr = _trainer("MixSupTrainer_StrongView", request.getfixturevalue(which), config, cutmix_prob=1.0,
+                  strong_view_prob=0.0, strong_fraction=0.3)
     tr.num_epochs = 10
     n = len(tr.label_manager.foreground_labels)
     tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * n] * 6
     tr.current_epoch = 6  # self-training started at epoch 4 (pseudo_start 0.4), full ramp
-    assert tr.distill_ramp() == 1.0
+    assert tr.pseudo_ramp() == 1.0
     batches = [b for b in _batches(tr, 12) if int((b["sup_type"] != TYPE_CODES["mask"]).sum()) >= 2]
     assert batches, "no batch with two weak samples"
     b = batches[0]
-    seen, teacher_in = [], []
-    real_forward, real_teacher = tr.network.forward, tr.teacher_pseudo_labels
+    seen = []
+    real_forward = tr.network.forward
     monkeypatch.setattr(tr.network, "forward", lambda x: (seen.append(x.clone()), real_forward(x))[1])
-    monkeypatch.setattr(tr, "teacher_pseudo_labels",
-                        lambda data, *a: (teacher_in.append(data.clone()), real_teacher(data, *a))[1])
+    calls = _spy_teacher(monkeypatch)
     torch.manual_seed(0)
     out = tr.train_step(b)
     assert np.isfinite(out["loss"]) and out["loss_pseudo"] != 0.0
     data = b["data"]
-    assert torch.equal(teacher_in[0], data)
+    assert torch.equal(calls[0]["data"], data)
     student = seen[0]
     weak = (b["sup_type"] != TYPE_CODES["mask"]).tolist()
     for i, w in enumerate(weak):
@@ -290,14 +265,13 @@ def test_strong_view_student_sees_intensity_changed_weak_samples(which, config, 
     tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * n] * 6
     tr.current_epoch = 6
     b = next(b for b in _batches(tr, 12) if bool((b["sup_type"] != TYPE_CODES["mask"]).any()))
-    seen, teacher_in = [], []
-    real_forward, real_teacher = tr.network.forward, tr.teacher_pseudo_labels
+    seen = []
+    real_forward = tr.network.forward
     monkeypatch.setattr(tr.network, "forward", lambda x: (seen.append(x.clone()), real_forward(x))[1])
-    monkeypatch.setattr(tr, "teacher_pseudo_labels",
-                        lambda data, *a: (teacher_in.append(data.clone()), real_teacher(data, *a))[1])
+    calls = _spy_teacher(monkeypatch)
     out = tr.train_step(b)
     assert np.isfinite(out["loss"]) and out["loss_pseudo"] != 0.0
-    assert torch.equal(teacher_in[0], b["data"])  # the teacher labels the clean view
+    assert torch.equal(calls[0]["data"], b["data"])  # the teacher labels the clean view
     for i, t in enumerate(b["sup_type"].tolist()):
         if t == TYPE_CODES["mask"]:
             assert torch.equal(seen[0][i], b["data"][i])
@@ -311,27 +285,29 @@ def test_strong_view_student_sees_intensity_changed_weak_samples(which, config, 
 
 @pytest.mark.parametrize("which,config", [("planned_2d", "2d"), ("planned_3d", "3d_fullres")])
 def test_teacher_runs_on_the_weak_rows_only_with_full_batch_pseudo_labels(which, config, request, monkeypatch):
-    import nnunet_mixsup.trainer_distill as TD
+    import nnunet_mixsup.trainers.mixsup as M
     from nnunet_mixsup.bench_speed import at_full_schedule
-    from nnunet_mixsup.losses import constrain_pseudo_labels
 
-    tr = _trainer("MixSupTrainer", request.getfixturevalue(which), config, teacher_noise_std=0.0)
+    tr = _trainer("MixSupTrainer", request.getfixturevalue(which), config)
     at_full_schedule(tr)  # self-training started: mixed batches
     b = next(b for b in _batches(tr, 8) if (b["sup_type"] == TYPE_CODES["mask"]).any()
              and (b["sup_type"] != TYPE_CODES["mask"]).any())
     seg0, allowed0 = b["target"][0][:, :1], b["target"][0][:, 1:]
     weak = b["sup_type"] != TYPE_CODES["mask"]
     ignore = tr.label_manager.ignore_label
+    teacher = tr.extra_modules["teacher"]
     # reference: the teacher on the whole batch, pseudo labels kept on the weak rows only
-    full = constrain_pseudo_labels(tr.teacher_probs(b["data"]), allowed0.float())
+    with torch.no_grad():
+        full = M.constrain_pseudo_labels(torch.softmax(M.as_list(teacher(b["data"]))[0].float(), 1),
+                                         allowed0.float())
     expected = pseudo_label_map(full, seg0, ignore, tr.pseudo_threshold, weak)
     rows_seen = []
-    real = tr.teacher_probs
-    monkeypatch.setattr(tr, "teacher_probs", lambda x: rows_seen.append(x.shape[0]) or real(x))
+    real = teacher.forward
+    monkeypatch.setattr(teacher, "forward", lambda x: rows_seen.append(x.shape[0]) or real(x))
     for subset in (True, False):  # the weak rows only / the whole batch (a single row on the CPU)
-        monkeypatch.setattr(TD, "batch_subset_pays", lambda n, total, device, s=subset: s)
+        monkeypatch.setattr(M, "batch_subset_pays", lambda n, total, device, s=subset: s)
         rows_seen.clear()
-        pseudo = tr.teacher_pseudo_labels(b["data"], seg0, allowed0, weak)
+        pseudo = M.teacher_pseudo_labels(teacher, b["data"], seg0, allowed0, weak, ignore, tr.pseudo_threshold)
         assert rows_seen == [int(weak.sum()) if subset else weak.numel()] and int(weak.sum()) < weak.numel()
         assert (pseudo[weak] != ignore).sum() > (seg0[weak] != ignore).sum()  # something was filled in
         mismatch = (pseudo != expected).float().mean().item()
@@ -340,11 +316,12 @@ def test_teacher_runs_on_the_weak_rows_only_with_full_batch_pseudo_labels(which,
     # a batch without weak rows: no teacher pass, the real labels unchanged
     rows_seen.clear()
     none = torch.zeros_like(weak)
-    assert torch.equal(tr.teacher_pseudo_labels(b["data"], seg0, allowed0, none), seg0) and not rows_seen
+    assert torch.equal(M.teacher_pseudo_labels(teacher, b["data"], seg0, allowed0, none, ignore, 0.8), seg0)
+    assert not rows_seen
 
 
 def test_batch_subset_pays():
-    from nnunet_mixsup.trainer_distill import batch_subset_pays
+    from nnunet_mixsup.trainers.mixsup import batch_subset_pays
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert batch_subset_pays(1, 2, cuda) and batch_subset_pays(3, 12, cpu) and batch_subset_pays(6, 12, cuda)
@@ -355,9 +332,9 @@ def test_batch_subset_pays():
 @pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
 def test_dual_branch_sliced_teacher_has_the_full_batch_gradients(which, config, request, monkeypatch):
     """The teacher decoder's backward on mask samples only changes nothing but the cost."""
-    import nnunet_mixsup.trainer_distill as TD
+    import nnunet_mixsup.trainers.teacher_student as TS
 
-    monkeypatch.setattr(TD, "batch_subset_pays", lambda n, total, device: 0 < n < total)  # even 1 row on the CPU
+    monkeypatch.setattr(TS, "batch_subset_pays", lambda n, total, device: 0 < n < total)  # even 1 row on the CPU
     tr = _trainer("MixSupTrainer_DualBranch", request.getfixturevalue(which), config)
     tr.current_epoch = 10 ** 6  # KL and entropy at full weight
     b = next(b for b in _batches(tr, 12) if (b["sup_type"] == TYPE_CODES["mask"]).any()

@@ -3,7 +3,6 @@ small plans -> stock nnUNetv2_train -tr MixSupTrainer -> stock nnUNetv2_predict 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,14 +32,15 @@ def test_plan_train_predict_evaluate(tmp_path, dim, config, device):
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[k] = str(tmp_path / k)
         (tmp_path / k).mkdir()
-    env.update(nnUNet_extTrainer=trainers_path(), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
+    env.update(nnUNet_extTrainer=trainers_path(), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
+               nnUNet_mixsup_epochs="2", nnUNet_mixsup_iterations="4", nnUNet_mixsup_val_iterations="2")
     did = "971" if dim == 3 else "972"
     ms = str(BIN / "nnunet-mixsup")
     run([ms, "synthetic-data", "-d", did, "--dim", str(dim), "--counts", "3", "2", "2", "1"], env)
     run([ms, "prepare", "-d", did], env)
     run([ms, "plan_and_preprocess", "-d", did, "-c", config, "-np", "1"], env)
     run([ms, "small-plans", "-d", did, "-c", config, "--max-features", "32", "--base-features", "4"], env)
-    r = run([str(BIN / "nnUNetv2_train"), did, config, "0", "-tr", "MixSupTrainer_Smoke", "-p", "nnUNetPlans_small",
+    r = run([str(BIN / "nnUNetv2_train"), did, config, "0", "-tr", "MixSupTrainer", "-p", "nnUNetPlans_small",
              "-device", device], env)
     assert "supervision summary" in r.stdout
     res = tmp_path / "nnUNet_results"
@@ -48,7 +48,7 @@ def test_plan_train_predict_evaluate(tmp_path, dim, config, device):
     raw = next((tmp_path / "nnUNet_raw").iterdir())
     out = tmp_path / "pred"
     run([str(BIN / "nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", did, "-c", config,
-         "-tr", "MixSupTrainer_Smoke", "-p", "nnUNetPlans_small", "-f", "0", "-device", device, "-npp", "1",
+         "-tr", "MixSupTrainer", "-p", "nnUNetPlans_small", "-f", "0", "-device", device, "-npp", "1",
          "-nps", "1"], env)
     for img in sorted((raw / "imagesTs").iterdir()):
         pred = out / img.name.replace("_0000", "")
@@ -56,10 +56,6 @@ def test_plan_train_predict_evaluate(tmp_path, dim, config, device):
         a, b = sitk.ReadImage(str(img)), sitk.ReadImage(str(pred))
         assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
     assert ckpt.is_file()
-    if shutil.which(ms) or Path(ms).exists():
-        ev = tmp_path / "eval"
-        r = subprocess.run([ms, "evaluate", str(raw / "labelsTs"), str(out), "-d", did, "-o", str(ev)], env=env,
-                           capture_output=True, text=True, check=False)
-        if "invalid choice" not in r.stderr:
-            assert r.returncode == 0, r.stderr
-            assert (ev / "summary.json").is_file()
+    ev = tmp_path / "eval"
+    run([ms, "evaluate", str(raw / "labelsTs"), str(out), "-d", did, "-o", str(ev)], env)
+    assert (ev / "summary.json").is_file()

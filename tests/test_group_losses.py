@@ -13,7 +13,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunet_mixsup.trainer import loss_on_rows
+from nnunet_mixsup.trainers.mixsup import loss_on_rows
 
 IGNORE = 4  # 4 classes (0..3) + ignore label
 

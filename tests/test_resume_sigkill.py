@@ -19,14 +19,14 @@ from nnunet_mixsup.cli import trainers_path
 
 BIN = Path(sys.executable).parent
 VARIANT = '''
-from nnunet_mixsup.trainer import set_budget
-from nnunet_mixsup.trainer_distill import MixSupTrainer_MeanTeacher
+from nnunet_mixsup.trainers import MixSupTrainer_MeanTeacher
 
 
 class MixSupTrainer_MeanTeacher_KillTest(MixSupTrainer_MeanTeacher):
     def __init__(self, plans, configuration, fold, dataset_json, device=None):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        set_budget(self, 6, 3, 1, save_every=1)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 6, 3, 1
+        self.save_every = 1
 '''
 
 

@@ -1,37 +1,17 @@
 """Trainer variants run real train steps on the synthetic data (in-process, tiny network)."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
-
-from nnunet_mixsup.plans import shrink_configuration
+from helpers import batches, make_trainer
 
 
-def _trainer(cls_name, info, config):
-    import nnunet_mixsup.trainer as T
-    import nnunet_mixsup.trainer_distill as TD
-
-    plans = load_json(str(info["pp"] / f"{info['plans']}.json"))
-    plans["configurations"][config] = shrink_configuration(plans["configurations"][config], 32, base_features=4)
-    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training puts this into the plans
-    dj = load_json(str(info["pp"] / "dataset.json"))
-    tr = (getattr(TD, cls_name, None) or getattr(T, cls_name))(plans, config, 0, dj, device=torch.device("cpu"))
-    tr.num_iterations_per_epoch = 2
-    tr.num_val_iterations_per_epoch = 1
-    tr.initialize()
-    return tr
-
-
-@pytest.mark.parametrize("cls_name", ["MixSupTrainer", "MixSupTrainer_Negatives", "MixSupTrainer_MLDS",
-                                      "MixSupTrainer_WeakOnly"])
+@pytest.mark.parametrize("cls_name", ["MixSupTrainer", "MixSupTrainer_MLDS"])
 @pytest.mark.parametrize("which,config", [("planned_3d", "3d_fullres"), ("planned_2d", "2d")])
 def test_train_steps_finite_and_all_terms_logged(cls_name, which, config, request):
     info = request.getfixturevalue(which)
-    tr = _trainer(cls_name, info, config)
+    tr = make_trainer(cls_name, info, config)
     dl_tr, dl_val = tr.get_dataloaders()
     try:
         outs = [tr.train_step(next(dl_tr)) for _ in range(2)]
@@ -50,7 +30,7 @@ def test_train_steps_finite_and_all_terms_logged(cls_name, which, config, reques
 
 
 def test_mlds_variant_trains_on_mask_cases_only(planned_3d):
-    tr = _trainer("MixSupTrainer_MLDS", planned_3d, "3d_fullres")
+    tr = make_trainer("MixSupTrainer_MLDS", planned_3d, "3d_fullres")
     ds_tr, _ = tr.get_tr_and_val_datasets()
     sup = tr.load_supervision()
     assert ds_tr.identifiers and all(sup[k].type == "mask" for k in ds_tr.identifiers)
@@ -58,7 +38,7 @@ def test_mlds_variant_trains_on_mask_cases_only(planned_3d):
 
 def test_exported_weights_load_into_stock_inference_network(planned_3d):
     """Inference cost equals stock nnU-Net: the network is nnU-Net's own, DS off."""
-    tr = _trainer("MixSupTrainer_WeakOnly", planned_3d, "3d_fullres")
+    tr = make_trainer("MixSupTrainer", planned_3d, "3d_fullres")
     net = type(tr).build_network_architecture(tr.plans_manager, tr.configuration_manager, tr.num_input_channels,
                                               tr.label_manager.num_segmentation_heads, enable_deep_supervision=False)
     net.load_state_dict(tr.network.state_dict())
@@ -66,7 +46,7 @@ def test_exported_weights_load_into_stock_inference_network(planned_3d):
 
 
 def test_boxes_inside_patch():
-    from nnunet_mixsup.trainer import boxes_inside_patch
+    from nnunet_mixsup.trainers.mixsup import boxes_inside_patch
 
     m = torch.zeros(2, 2, 6, 6)
     m[0, 0, 2:4, 2:4] = 1   # inside
@@ -74,13 +54,8 @@ def test_boxes_inside_patch():
     assert boxes_inside_patch(m).tolist() == [[True, False], [False, False]]
 
 
-def test_manifest_sidecar_required_with_ignore_label(planned_3d, tmp_path):
-    info = dict(planned_3d)
-    assert json.loads((info["pp"] / "dataset.json").read_text())["labels"]["ignore"] == 3
-
-
 def test_non_finite_loss_is_skipped_then_stops(planned_3d):
-    tr = _trainer("MixSupTrainer", planned_3d, "3d_fullres")
+    tr = make_trainer("MixSupTrainer", planned_3d, "3d_fullres")
     tr.max_consecutive_bad_steps = 2
     dl_tr, dl_val = tr.get_dataloaders()
     try:
@@ -108,7 +83,7 @@ def test_supervised_loss_is_nnunet_loss_per_group(which, config, batch_dice, req
     weak part: CE over their known voxels."""
     from nnunet_mixsup.manifest import TYPE_CODES
 
-    tr = _trainer("MixSupTrainer", request.getfixturevalue(which), config)
+    tr = make_trainer("MixSupTrainer", request.getfixturevalue(which), config)
     assert tr.configuration_manager.batch_dice == batch_dice  # the fixture's plans cover both Dice kinds
     torch.manual_seed(0)
     ign = tr.label_manager.ignore_label
@@ -135,42 +110,45 @@ def test_supervised_loss_is_nnunet_loss_per_group(which, config, batch_dice, req
                                 outs[0])[0]
     g_sub = torch.autograd.grad(sub, outs[0])[0]
     torch.testing.assert_close(g_got[:2], g_sub[:2], rtol=1e-4, atol=1e-7)
-    tr.separate_group_losses = False
-    assert torch.allclose(tr.supervised_loss(ds, outs, segs, batch), ds(outs, segs))
 
 
 @pytest.mark.parametrize("which,config", [("planned_2d", "2d"), ("planned_3d", "3d_fullres")])
-def test_pseudo_label_term_is_nnunet_loss_on_the_selected_samples(which, config, request):
+def test_pseudo_label_term_is_nnunet_loss_on_the_selected_samples(which, config, request, monkeypatch):
     """The self-training term equals nnU-Net's loss on the pseudo-labelled samples as a sub-batch."""
+    import nnunet_mixsup.trainers.mixsup as M
+    from nnunet_mixsup.bench_speed import at_full_schedule
     from nnunet_mixsup.manifest import TYPE_CODES
 
-    tr = _trainer("MixSupTrainer", request.getfixturevalue(which), config)
-    tr.distill_ramp = lambda: 1.0
-    torch.manual_seed(1)
-    c = tr.label_manager.num_segmentation_heads
-    spatial = (8, 8) if config == "2d" else (4, 8, 8)
-    logits = torch.randn(3, c, *spatial, requires_grad=True)
-    pseudo = torch.randint(0, c, (3, 1, *spatial))
-    pseudo[:, :, :1] = tr.label_manager.ignore_label  # unconfident voxels
-    selected = torch.tensor([False, True, True])
-    batch = {"sup_type": torch.tensor([TYPE_CODES["mask"], TYPE_CODES["box"], TYPE_CODES["tags"]])}
-    tr.mlds_term = lambda *a, **k: logits.sum() * 0
-    terms: dict = {}
-    tr.pseudo_label_terms(terms, [logits], logits, pseudo, torch.ones(3, c - 1, *spatial), selected, batch)
-    want = tr.pseudo_weight * tr.fullres_loss(logits[1:], pseudo[1:])
+    tr = make_trainer("MixSupTrainer", request.getfixturevalue(which), config)
+    at_full_schedule(tr)  # self-training started, full ramp
+    b = next(b for b in batches(tr, 8) if (b["sup_type"] == TYPE_CODES["mask"]).any()
+             and (b["sup_type"] != TYPE_CODES["mask"]).any())
+    seg = [t[:, :1] for t in b["target"]]
+    allowed = [t[:, 1:] for t in b["target"]]
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.randint(0, tr.label_manager.num_segmentation_heads, seg[0].shape, generator=g).to(seg[0].dtype)
+    fixed[torch.rand(seg[0].shape, generator=g) < 0.3] = tr.label_manager.ignore_label  # unconfident voxels
+    monkeypatch.setattr(M, "teacher_pseudo_labels", lambda *a, **k: fixed)
+    outs = []
+    real = tr.network.forward
+    monkeypatch.setattr(tr.network, "forward", lambda x: outs.append(real(x)) or outs[-1])
+    terms = tr.forward_and_loss(b["data"], seg, allowed, b)
+    logits = M.as_list(outs[0])[0]
+    sel = b["sup_type"] != TYPE_CODES["mask"]
+    want = tr.pseudo_ramp() * tr.pseudo_weight * tr.fullres_loss(logits[sel], fixed[sel])
     assert float(terms["pseudo"]) == pytest.approx(float(want), rel=1e-5)
-    g = torch.autograd.grad(terms["pseudo"], logits)[0]
+    g_term = torch.autograd.grad(terms["pseudo"], logits, retain_graph=True)[0]
     g_sub = torch.autograd.grad(want, logits)[0]
-    torch.testing.assert_close(g, g_sub, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g_term, g_sub, rtol=1e-4, atol=1e-7)
 
 
 def test_box_term_auto_uses_presence_for_slices_of_volumes(planned_3d, planned_2d, monkeypatch):
-    tr3 = _trainer("MixSupTrainer", planned_3d, "3d_fullres")
+    tr3 = make_trainer("MixSupTrainer_MeanTeacher", planned_3d, "3d_fullres")
     assert tr3.training_data_is_volumetric() and tr3.resolved_box_term() == "tightness"  # 3D patches
-    tr2 = _trainer("MixSupTrainer", planned_2d, "2d")
+    tr2 = make_trainer("MixSupTrainer_MeanTeacher", planned_2d, "2d")
     assert not tr2.training_data_is_volumetric() and tr2.resolved_box_term() == "tightness"  # true 2D images
     # a 2D configuration on volumetric data sees cross-sections of 3D boxes -> presence
-    tr2v = _trainer("MixSupTrainer", planned_2d, "2d")
+    tr2v = make_trainer("MixSupTrainer_MeanTeacher", planned_2d, "2d")
     monkeypatch.setattr(tr2v, "training_data_is_volumetric", lambda: True)
     assert tr2v.resolved_box_term() == "presence"
     tr2v.box_term = "tightness"

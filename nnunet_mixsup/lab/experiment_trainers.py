@@ -1,0 +1,80 @@
+"""Trainers that only experiments use: variants and controls the benchmark compares with the default.
+
+They are not on the public ``nnUNet_extTrainer`` path; ``nnunet-mixsup benchmark`` adds their own
+folder (:func:`experiments_trainers_path`). Each is a small subclass of a public trainer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from nnunet_mixsup.mixing import cutmix_pairs, mix, perturb_intensity
+from nnunet_mixsup.trainers import MixSupTrainer
+
+
+def experiments_trainers_path() -> str:
+    """The folder of thin modules that re-export these classes (add it to ``nnUNet_extTrainer``)."""
+    return str(Path(__file__).resolve().parent / "ext_trainers")
+
+
+class MixSupTrainer_StrongView(MixSupTrainer):
+    """``MixSupTrainer`` whose student sees CutMixed, intensity-perturbed weak samples (FixMatch / UniMatch).
+
+    The teacher labels the clean, unmixed batch. Then, on the pseudo-labelled rows, a grid-aligned
+    rectangle of another such row (share of the patch in ``cutmix_area``, each row with probability
+    ``cutmix_prob``) replaces part of the student's input - image, real labels, allowed maps and
+    pseudo labels alike (:mod:`nnunet_mixsup.mixing`; exact at every deep-supervision scale) - and
+    brightness, contrast, gamma, blur and noise change (each with probability ``strong_view_prob``;
+    no voxel moves, so every target stays valid). Mask samples and the warm-up are untouched; no
+    extra forward pass. Under DDP each rank draws its own pairs and perturbations.
+
+    Attributes (beyond ``MixSupTrainer``'s): cutmix_prob, cutmix_area, strong_view_prob.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.cutmix_prob = 0.5
+        self.cutmix_area = (0.25, 0.5)
+        self.strong_view_prob = 0.8
+
+    def student_view(self, data, seg, allowed, pseudo, selected):
+        cell = [a // b for a, b in zip(data.shape[2:], seg[-1].shape[2:])]
+        partner, cut = cutmix_pairs(selected, data.shape[2:], cell, self.cutmix_area, self.cutmix_prob)
+        data, pseudo = mix(data, partner, cut), mix(pseudo, partner, cut)
+        seg, allowed = [mix(t, partner, cut) for t in seg], [mix(t, partner, cut) for t in allowed]
+        if self.strong_view_prob > 0:
+            data = perturb_intensity(data, selected, prob=self.strong_view_prob)
+        return data, seg, allowed, pseudo
+
+
+class MixSupTrainer_StrongViewAddWeak(MixSupTrainer_StrongView):
+    """``MixSupTrainer_StrongView`` whose self-training batches keep all B mask samples and add B weak ones.
+
+    ``weak_batch_extra = 1``: the supervised part of every step stays that of stock nnU-Net, at
+    about twice the step time in the self-training phase. Its control with the same batches and
+    no weak case is :class:`MixSupTrainer_MaskOnly2x`.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.weak_batch_extra = 1.0
+
+
+class MixSupTrainer_MaskOnly2x(MixSupTrainer):
+    """Control for ``weak_batch_extra``: the mask cases only, the batch doubled from the self-training start on.
+
+    Stock nnU-Net on the mask cases (``strong_fraction = 1``: weak cases are not loaded) until the
+    epoch at which ``MixSupTrainer`` would start self-training, then 2B mask samples per step.
+    """
+
+    trains_on_weak_cases: ClassVar[bool] = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.strong_fraction = 1.0
+        self.weak_batch_extra = 1.0
