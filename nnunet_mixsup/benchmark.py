@@ -78,6 +78,9 @@ Presets (explicit flags override them):
 - ``gpu``: nnU-Net's own plans (stock ``ExperimentPlanner``, stored as ``nnUNetPlans_mixsupbench``
   so a user's ``nnUNetPlans`` is never overwritten), 3d_fullres, 150 epochs x 250 iterations,
   masks 5 / 10 / 20 %, seeds 0 1 2, ``MixSupTrainer``.
+- ``inia19-cpu``: ``cpu-mini``'s settings on the INIA19 weak-label benchmark (``demo-data --dataset
+  inia19``, id 992, built when ``-d`` is not given; six small macaque brain structures, partial
+  fields of view in training; ``docs/inia19.md``).
 """
 from __future__ import annotations
 
@@ -141,6 +144,8 @@ class Preset:
     trainers: tuple[str, ...]
     num_processes: int
     env_defaults: dict[str, str] = field(default_factory=dict)
+    #: the dense dataset built when ``-d`` is not given: its id and extra ``demo-data`` arguments
+    demo_data: tuple[int, tuple[str, ...]] = (DEMO_ID, ())
 
 
 PRESETS: dict[str, Preset] = {
@@ -149,6 +154,10 @@ PRESETS: dict[str, Preset] = {
                        {"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "nnUNet_mixsup_val_iterations": "5"}),
     "gpu": Preset("3d_fullres", None, 150, 250, (0.05, 0.1, 0.2), (0, 1, 2), ("MixSupTrainer",),
                   min(8, os.cpu_count() or 1)),
+    "inia19-cpu": Preset("2d", {"max_features": 128, "base_features": 16, "batch_size": 12, "patch_size": None},
+                         80, 25, (0.1,), (0, 1, 2), ("MixSupTrainer",), 2,
+                         {"nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "nnUNet_mixsup_val_iterations": "5"},
+                         demo_data=(992, ("--dataset", "inia19"))),
 }
 _SMALL_DEFAULTS = {"max_features": 64, "base_features": 8, "batch_size": None, "patch_size": None}
 
@@ -1217,14 +1226,15 @@ def _dense_folder(cfg: BenchmarkConfig, session: Session, raw: Path, outside_raw
     """The dense dataset's folder in the benchmark's nnUNet_raw (built, for the demo; or linked in)."""
     ms = _mixsup_cli()
     if cfg.dataset is None:
-        found = _find_dataset(raw, str(DEMO_ID))
+        demo_id, demo_args = PRESETS[cfg.preset].demo_data if cfg.preset in PRESETS else (DEMO_ID, ())
+        found = _find_dataset(raw, str(demo_id))
         if found is None:
-            session.say(f"building the demo dataset (id {DEMO_ID}, {DEMO_TRAIN} training / {DEMO_TEST} test cases)")
-            session.run(ms + ["demo-data", "-d", DEMO_ID, "--train", DEMO_TRAIN, "--test", DEMO_TEST, "--seed", 0],
-                        "demo_data", "building the demo dataset")
-            found = _find_dataset(raw, str(DEMO_ID))
+            session.say(f"building the demo dataset (id {demo_id}, {DEMO_TRAIN} training / {DEMO_TEST} test cases)")
+            session.run(ms + ["demo-data", *demo_args, "-d", demo_id, "--train", DEMO_TRAIN, "--test", DEMO_TEST,
+                              "--seed", 0], "demo_data", "building the demo dataset")
+            found = _find_dataset(raw, str(demo_id))
         if found is None:
-            raise BenchmarkError(f"the demo dataset {DEMO_ID} was not written to {raw}")
+            raise BenchmarkError(f"the demo dataset {demo_id} was not written to {raw}")
         return found
     ident = str(cfg.dataset)
     found = _find_dataset(raw, ident)

@@ -230,8 +230,16 @@ def make_demo_dataset(dataset_id: int = 990, n_train: int = 20, n_test: int = 10
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    folder = make_demo_dataset(args.d, n_train=args.train, n_test=args.test, spacing_mm=args.spacing,
-                               seed=args.seed, overwrite=args.overwrite)
+    if getattr(args, "dataset", "mni152") == "inia19":
+        from nnunet_mixsup.inia19_data import DEFAULT_ID, DEFAULT_SPACING, make_inia19_dataset
+
+        folder = make_inia19_dataset(DEFAULT_ID if args.d is None else args.d, n_train=args.train, n_test=args.test,
+                                     spacing_mm=DEFAULT_SPACING if args.spacing is None else args.spacing,
+                                     seed=args.seed, overwrite=args.overwrite)
+    else:
+        folder = make_demo_dataset(990 if args.d is None else args.d, n_train=args.train, n_test=args.test,
+                                   spacing_mm=4.0 if args.spacing is None else args.spacing, seed=args.seed,
+                                   overwrite=args.overwrite)
     print(f"wrote {folder}")
     return 0
 
@@ -241,11 +249,16 @@ def register_cli(subparsers: Any) -> None:
         "demo-data", help="write the real-anatomy demo dataset (deformed MNI152 template, WM / GM / ventricles)",
         description="Write a dense nnU-Net raw dataset built offline from the MNI152 template shipped with nilearn: "
                     "randomly deformed cases with intensity variation; labels white matter, grey matter, lateral "
-                    "ventricles. Needs: pip install nilearn.")
-    s.add_argument("-d", type=int, default=990, help="dataset id")
+                    "ventricles. Needs: pip install nilearn. With --dataset inia19: the INIA19 macaque template "
+                    "and six NeuroMaps structures, training cases with a partial field of view (docs/inia19.md); "
+                    "needs Debian's mricron-data (installed automatically when running as root).")
+    s.add_argument("--dataset", choices=("mni152", "inia19"), default="mni152",
+                   help="source template (default mni152: the demo dataset; inia19: the weak-label benchmark)")
+    s.add_argument("-d", type=int, default=None, help="dataset id (default 990 for mni152, 992 for inia19)")
     s.add_argument("--train", type=int, default=20, help="training cases")
     s.add_argument("--test", type=int, default=10, help="test cases")
-    s.add_argument("--spacing", type=float, default=4.0, help="isotropic voxel size (mm)")
+    s.add_argument("--spacing", type=float, default=None,
+                   help="isotropic voxel size in mm (default 4 for mni152, 1.25 for inia19)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     s.set_defaults(func=_cmd_demo_data)
