@@ -726,8 +726,8 @@ def check_trainers(names: Sequence[str]) -> dict[str, type]:
     """
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunet_mixsup import trainer as tr_mod
-    from nnunet_mixsup import trainer_distill
+    from nnunet_mixsup.lab import experiment_trainers
+    from nnunet_mixsup.trainers import PUBLIC_TRAINERS, MixSupTrainerBase, nnUNetTrainer_MixSupBudget
 
     found: dict[str, type] = {}
     unknown = []
@@ -737,14 +737,14 @@ def check_trainers(names: Sequence[str]) -> dict[str, type]:
                 found[n] = recursive_find_trainer_class_by_name(n)
             except (RuntimeError, AssertionError):
                 unknown.append(n)
-    known = sorted(k for m in (tr_mod, trainer_distill) for k, v in vars(m).items()
-                   if isinstance(v, type) and issubclass(v, tr_mod.MixSupTrainerBase))
+    known = sorted({*PUBLIC_TRAINERS, *(k for k, v in vars(experiment_trainers).items()
+                                         if isinstance(v, type) and issubclass(v, MixSupTrainerBase))})
     if unknown:
         raise BenchmarkError(f"unknown trainer(s) {unknown}: no such class in nnunetv2.training.nnUNetTrainer nor "
                              f"in nnUNet_extTrainer={os.environ.get('nnUNet_extTrainer', '')}. "
                              f"MixSup trainers: {', '.join(known)}")
     ignoring = [n for n, c in found.items()
-                if not issubclass(c, (tr_mod.MixSupTrainerBase, tr_mod.nnUNetTrainer_MixSupBudget))]
+                if not issubclass(c, (MixSupTrainerBase, nnUNetTrainer_MixSupBudget))]
     if ignoring:
         raise BenchmarkError(f"trainer(s) {ignoring} do not read nnUNet_mixsup_epochs / nnUNet_mixsup_iterations, so "
                              f"they would train with another budget than the baselines; use a MixSup trainer "
@@ -972,8 +972,9 @@ def _run_list(cfg: BenchmarkConfig, sims: list[SimDataset], dense: DenseDataset,
     """Every run of the benchmark in order. ``classes``: trainer name -> class (default: this package's
     trainers); a trainer whose ``trains_on_weak_cases`` is False is charged its mask cases only."""
     if classes is None:
-        from nnunet_mixsup import trainer, trainer_distill
-        classes = {t: getattr(trainer_distill, t, None) or getattr(trainer, t, None) for t in cfg.trainers}
+        import nnunet_mixsup.trainers as public
+        from nnunet_mixsup.lab import experiment_trainers
+        classes = {t: getattr(public, t, None) or getattr(experiment_trainers, t, None) for t in cfg.trainers}
     runs: list[Run] = []
     for seed in cfg.seeds:
         for sim in (s for s in sims if s.seed == seed):
@@ -1032,6 +1033,7 @@ def _summary_input(rows: list[dict]) -> list[dict]:
 def run_benchmark(cfg: BenchmarkConfig) -> Path:
     """Run (or resume) the benchmark; returns the results folder. See the module docstring."""
     from nnunet_mixsup.cli import trainers_path
+    from nnunet_mixsup.lab.experiment_trainers import experiments_trainers_path
 
     validate_config(cfg)
     workdir = cfg.workdir.resolve()
@@ -1048,7 +1050,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> Path:
     for p in dirs.values():
         p.mkdir(parents=True, exist_ok=True)
     updates = {k: str(v) for k, v in dirs.items()}
-    updates["nnUNet_extTrainer"] = trainers_path()
+    updates["nnUNet_extTrainer"] = os.pathsep.join((trainers_path(), experiments_trainers_path()))
     updates["nnUNet_mixsup_epochs"] = str(cfg.epochs)
     updates["nnUNet_mixsup_iterations"] = str(cfg.iterations)
     exported = list(updates)
