@@ -21,7 +21,7 @@ from pathlib import Path
 #: naming it, so a broken import never silently removes a sub-command.
 SUBCOMMAND_MODULES = ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",
                       "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed", "nnunet_mixsup.benchmark",
-                      "nnunet_mixsup.audit", "nnunet_mixsup.importers",
+                      "nnunet_mixsup.audit", "nnunet_mixsup.importers", "nnunet_mixsup.show",
                       "dataset_conversion.cli")
 
 

@@ -642,7 +642,8 @@ class ImportResult:
         return "\n".join(lines)
 
 
-def _dataset_folder(dataset: str | int | os.PathLike) -> Path:
+def dataset_folder(dataset: str | int | os.PathLike) -> Path:
+    """The raw dataset folder of an id, a name or a path (a path contains a separator or is a ``PathLike``)."""
     folder = Path(dataset) if isinstance(dataset, os.PathLike) or (isinstance(dataset, str) and os.sep in dataset) \
         else raw_dataset_folder(dataset)
     if not folder.is_dir():
@@ -743,7 +744,7 @@ def import_boxes(dataset: str | int | os.PathLike, *, markups: Sequence[str | os
     if csv_files and units not in CSV_UNITS:
         raise ValueError(f"CSV boxes need --units, one of {list(CSV_UNITS)} (world coordinates in mm or voxel "
                          f"indices), got {units!r}")
-    folder = _dataset_folder(dataset)
+    folder = dataset_folder(dataset)
     ds = read_raw_dataset(folder)
     col = _Collector(ds)
     labels = _labels(ds, label_map, col.problems, delimiter)
@@ -800,7 +801,7 @@ def import_tags(dataset: str | int | os.PathLike, csv_files: Sequence[str | os.P
     """
     if not csv_files:
         raise ValueError("nothing to import: give CSV files (--csv)")
-    folder = _dataset_folder(dataset)
+    folder = dataset_folder(dataset)
     ds = read_raw_dataset(folder)
     col = _Collector(ds)
     labels = LabelResolver(ds.dataset_json["labels"], ds.foreground_labels)
