@@ -8,6 +8,11 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_mixsup.manifest import read_raw_dataset
+
+try:  # the synthetic test data generator lives in nnunet_mixsup.lab (formerly nnunet_mixsup.synthetic)
+    from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
+except ImportError:
+    from nnunet_mixsup.synthetic import make_synthetic_dataset
 from nnunet_mixsup.show import (
     PreprocessedSource,
     case_panels,
@@ -51,8 +56,6 @@ def _check_outlines(rows, view, foreground) -> None:
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_raw_outlines_sit_on_the_boxes_and_their_objects(fresh_dirs, dim):
-    from nnunet_mixsup.synthetic import make_synthetic_dataset
-
     folder = make_synthetic_dataset(fresh_dirs["nnUNet_raw"], 960 + dim, dim=dim, counts={"mask": 1, "box": 3},
                                     n_test=0, seed=dim)
     ds = read_raw_dataset(folder)
@@ -131,8 +134,6 @@ def test_preprocessed_outlines_match_mapped_boxes_and_ignore_region(planned_3d, 
 
 def test_cli_errors(fresh_dirs, capsys):
     from nnunet_mixsup.cli import main
-    from nnunet_mixsup.synthetic import make_synthetic_dataset
-
     make_synthetic_dataset(fresh_dirs["nnUNet_raw"], 965, dim=2, counts={"mask": 1, "box": 1}, n_test=0)
     out = fresh_dirs["nnUNet_raw"].parent / "png"
     assert main(["show", "-d", "965", "-o", str(out), "--preprocessed"]) == 1
