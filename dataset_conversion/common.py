@@ -9,7 +9,7 @@ anything behind in ``nnUNet_raw``:
    problem raises one :class:`ConversionError` before the output folder is created.
 2. **write** (:func:`write_dataset`): everything goes into a hidden temporary sibling of
    ``nnUNet_raw/DatasetXXX_Name`` that is renamed at the end (see
-   :func:`nnunet_mixsup.simulate.staged_folder`), so an interrupted or failed run leaves no
+   :func:`nnunet_mixsup.fileio.staged_folder`), so an interrupted or failed run leaves no
    half-written dataset. Label values are checked while the data is read; an unexpected value
    also aborts without leaving anything.
 
@@ -38,7 +38,6 @@ import SimpleITK as sitk
 
 FILE_ENDING = ".nii.gz"
 RECORD_NAME = "conversion.json"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 _CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 #: relative tolerance when comparing the geometry (spacing, origin, direction) of an image and its label
 GEOMETRY_RTOL = 1e-3
@@ -198,12 +197,10 @@ def output_target(dataset_id: int, name: str, overwrite: bool) -> Path:
     Nothing is created here; called before the (possibly long) scan so that an obvious mistake is
     reported at once.
     """
-    from nnunet_mixsup.simulate import check_target_id, raw_root, validate_dataset_id
+    from nnunet_mixsup.raw_datasets import check_dataset_name, check_target_id, raw_root, validate_dataset_id
 
     dataset_id = validate_dataset_id(dataset_id)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"dataset name {name!r} must start with a letter or digit and contain only letters, "
-                         "digits, '_' and '-'")
+    check_dataset_name(name)
     root = raw_root()
     folder_name = f"Dataset{dataset_id:03d}_{name}"
     check_target_id(dataset_id, folder_name)
@@ -231,6 +228,7 @@ def write_dataset(target: Path, cases: Sequence[SourceCase], load: Loader, *, ch
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
     from tqdm import tqdm
 
+    from nnunet_mixsup.fileio import staged_folder
     from nnunet_mixsup.manifest import (
         MANIFEST_NAME,
         ManifestError,
@@ -238,7 +236,8 @@ def write_dataset(target: Path, cases: Sequence[SourceCase], load: Loader, *, ch
         read_raw_dataset,
         validate_against_dataset,
     )
-    from nnunet_mixsup.simulate import package_version, staged_folder, write_json
+    from nnunet_mixsup.prepare import atomic_write_json
+    from nnunet_mixsup.raw_datasets import package_version
 
     train = [c for c in cases if c.split == "train"]
     test = [c for c in cases if c.split == "test"]
@@ -271,13 +270,13 @@ def write_dataset(target: Path, cases: Sequence[SourceCase], load: Loader, *, ch
                               dataset_name=dataset_name, description=description, reference=reference,
                               license=licence, converted_by="nnunet-mixsup convert")
         manifest = {"version": 1, "cases": {c.case_id: {"type": "mask"} for c in sorted(train, key=_key)}}
-        write_json(tmp / MANIFEST_NAME, manifest)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
         rec = {"version": 1, "package_version": package_version(), **record,
                "num_training": len(train), "num_test": len(test),
                "cases": {c.case_id: {"split": c.split, "image": str(c.image), "label": str(c.label), **c.info}
                          for c in sorted(cases, key=_key)},
                "warnings": list(conversion_warnings)}
-        write_json(tmp / RECORD_NAME, rec)
+        atomic_write_json(tmp / RECORD_NAME, rec)
         # self-check: the result must be a valid (all-mask) mixed-supervision dataset (label values and
         # grids were checked above while writing, so the label files are not read a second time)
         problems: list[str] = []

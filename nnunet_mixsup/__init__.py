@@ -9,6 +9,8 @@ Where things live:
 - :mod:`nnunet_mixsup.data` – the mixed-supervision data loader.
 - :mod:`nnunet_mixsup.losses` – plain torch loss modules.
 - :mod:`nnunet_mixsup.trainers` – ``MixSupTrainer`` and its variants.
-- :mod:`nnunet_mixsup.synthetic` – the synthetic test dataset generator.
+- :mod:`nnunet_mixsup.evaluation` – Dice, HD95, NSD per case and class.
+- :mod:`nnunet_mixsup.lab` – benchmark, weak-label audit, speed measurement, demo and dataset builders
+  (the synthetic test data among them); the library never imports it.
 """
 __version__ = "0.1.0"

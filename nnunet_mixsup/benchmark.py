@@ -2,7 +2,7 @@
 
 For every label budget (``--masks``: fraction or number of training cases that keep their mask)
 and every seed, a mixed-supervision dataset is simulated from one dense nnU-Net raw dataset
-(:func:`nnunet_mixsup.simulate.simulate_dataset`; the seed is the simulation seed, cases are
+(:func:`nnunet_mixsup.lab.simulate.simulate_dataset`; the seed is the simulation seed, cases are
 nested across budgets). The remaining training cases are split between boxes, image tags and
 unlabelled by ``--boxes-share`` / ``--tags-share`` (shares of the non-mask cases, the rest is
 unlabelled) or a named ``--scenario``. Per (budget, seed) it then trains, with stock
@@ -102,8 +102,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnunet_mixsup.lab.simulate import Amount, case_order, fraction_or_count, resolve_counts
 from nnunet_mixsup.progress import run_logged
-from nnunet_mixsup.simulate import Amount, case_order, fraction_or_count, resolve_counts
 
 RESULTS_DIR = "benchmark_results"
 BASELINE_TRAINER = "nnUNetTrainer_MixSupBudget"
@@ -613,7 +613,7 @@ def _environ(updates: dict[str, str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """One benchmark per work directory at a time (a stale lock of a dead process is taken over)."""
-    from nnunet_mixsup.prepare import pid_alive
+    from nnunet_mixsup.fileio import pid_alive
 
     if path.is_file():
         try:
@@ -891,7 +891,7 @@ def assign_ids(sims: list[SimDataset], record_path: Path, dense: DenseDataset, i
 
 
 def _check_simulated(folder: Path, sim: SimDataset, dense: DenseDataset) -> None:
-    from nnunet_mixsup.simulate import SIMULATION_RECORD
+    from nnunet_mixsup.lab.simulate import SIMULATION_RECORD
 
     rec = _read_json(folder / SIMULATION_RECORD)
     if rec.get("source", {}).get("name") != dense.name or rec.get("counts") != sim.counts or \

@@ -19,9 +19,9 @@ from pathlib import Path
 #: modules whose ``register_cli(subparsers)`` adds sub-commands. Every one must import: a module that
 #: cannot (a missing dependency, a syntax error) makes the whole command line fail with a message
 #: naming it, so a broken import never silently removes a sub-command.
-SUBCOMMAND_MODULES = ("nnunet_mixsup.simulate", "nnunet_mixsup.demo_data", "nnunet_mixsup.evaluation",
-                      "nnunet_mixsup.demo", "nnunet_mixsup.bench_speed", "nnunet_mixsup.benchmark",
-                      "nnunet_mixsup.audit", "nnunet_mixsup.importers", "nnunet_mixsup.show",
+SUBCOMMAND_MODULES = ("nnunet_mixsup.lab.simulate", "nnunet_mixsup.lab.demo_data", "nnunet_mixsup.evaluation",
+                      "nnunet_mixsup.lab.demo", "nnunet_mixsup.lab.bench_speed", "nnunet_mixsup.benchmark",
+                      "nnunet_mixsup.lab.audit", "nnunet_mixsup.importers", "nnunet_mixsup.show",
                       "dataset_conversion.cli")
 
 
@@ -79,7 +79,7 @@ def _cmd_small_plans(args: argparse.Namespace) -> int:
 def _cmd_synthetic(args: argparse.Namespace) -> int:
     from nnunetv2.paths import nnUNet_raw
 
-    from nnunet_mixsup.synthetic import make_synthetic_dataset
+    from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 
     counts = dict(zip(("mask", "box", "tags", "none"), args.counts))
     for opt in ("size", "spacing"):

@@ -42,6 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunet_mixsup.fileio import pid_alive
 from nnunet_mixsup.geometry import MAPPED_READERS, nibabel_file_axis_map
 from nnunet_mixsup.manifest import (
     MANIFEST_NAME,
@@ -273,17 +274,6 @@ def load_and_validate(folder: Path, check_image_data: bool = True,
                                        mentioned=mentioned, check_image_data=check_image_data,
                                        image_data_cache=image_data_cache)
     return ds, full, generated
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this id exists (used to tell a live writer's staging folder from a dead one's)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def _staging_dir(folder: Path) -> Path:

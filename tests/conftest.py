@@ -38,8 +38,8 @@ def fresh_dirs(tmp_path, monkeypatch) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def planned_3d(nnunet_dirs) -> dict:
     """Synthetic 3D dataset 951 (anisotropic, transposed, cropped), prepared, planned, preprocessed."""
+    from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
     from nnunet_mixsup.preprocess import plan_and_preprocess
-    from nnunet_mixsup.synthetic import make_synthetic_dataset
 
     folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 951, seed=1)
     plans = plan_and_preprocess(951, configurations=("3d_fullres",), num_processes=1)
@@ -49,8 +49,8 @@ def planned_3d(nnunet_dirs) -> dict:
 @pytest.fixture(scope="session")
 def planned_2d(nnunet_dirs) -> dict:
     """Synthetic 2D dataset 952, prepared, planned, preprocessed (2d configuration)."""
+    from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
     from nnunet_mixsup.preprocess import plan_and_preprocess
-    from nnunet_mixsup.synthetic import make_synthetic_dataset
 
     folder = make_synthetic_dataset(nnunet_dirs["nnUNet_raw"], 952, dim=2, seed=2)
     plans = plan_and_preprocess(952, configurations=("2d",), num_processes=1)

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_mixsup.audit import AuditError, allowed_classes, audit_case, dice, summary_markdown
 from nnunet_mixsup.cli import main
 from nnunet_mixsup.evaluation import compute_case_metrics
+from nnunet_mixsup.lab.audit import AuditError, allowed_classes, audit_case, dice, summary_markdown
 from nnunet_mixsup.manifest import Box, CaseSupervision
 
 

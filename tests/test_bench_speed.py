@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 
-from nnunet_mixsup.bench_speed import bench_speed, format_rows
+from nnunet_mixsup.lab.bench_speed import bench_speed, format_rows
 from nnunet_mixsup.manifest import TYPE_CODES
 
 

@@ -35,7 +35,7 @@ from nnunet_mixsup.benchmark import (
     summary_markdown,
 )
 from nnunet_mixsup.cli import build_parser, main, trainers_path
-from nnunet_mixsup.synthetic import make_synthetic_dataset
+from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 
 
 def _csv(path: Path) -> list[dict]:

@@ -192,8 +192,8 @@ def test_acdc_converts_with_geometry_split_and_manifest(tmp_path, fresh_dirs):
 
 
 def test_acdc_result_works_with_prepare_and_simulate(tmp_path, fresh_dirs):
+    from nnunet_mixsup.lab.simulate import simulate_dataset
     from nnunet_mixsup.prepare import prepare_dataset
-    from nnunet_mixsup.simulate import simulate_dataset
 
     convert_acdc(make_acdc(tmp_path / "ACDC") / "database", 602, show_progress=False)  # database/ given directly
     res = prepare_dataset(602, show_progress=False)

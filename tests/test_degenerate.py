@@ -23,9 +23,9 @@ import SimpleITK as sitk
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
+from nnunet_mixsup.lab.synthetic import boxes_from_label, make_synthetic_dataset
 from nnunet_mixsup.manifest import TYPE_CODES, ManifestError
 from nnunet_mixsup.plans import shrink_configuration
-from nnunet_mixsup.synthetic import boxes_from_label, make_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 

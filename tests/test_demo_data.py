@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_mixsup import demo_data
+from nnunet_mixsup.lab import demo_data
 
 needs_nilearn = pytest.mark.skipif(importlib.util.find_spec("nilearn") is None, reason="nilearn not installed")
 KW = {"n_train": 3, "n_test": 1, "spacing_mm": 8.0, "show_progress": False}

@@ -286,7 +286,7 @@ def test_strong_view_student_sees_intensity_changed_weak_samples(which, config, 
 @pytest.mark.parametrize("which,config", [("planned_2d", "2d"), ("planned_3d", "3d_fullres")])
 def test_teacher_runs_on_the_weak_rows_only_with_full_batch_pseudo_labels(which, config, request, monkeypatch):
     import nnunet_mixsup.trainers.mixsup as M
-    from nnunet_mixsup.bench_speed import at_full_schedule
+    from nnunet_mixsup.lab.bench_speed import at_full_schedule
 
     tr = _trainer("MixSupTrainer", request.getfixturevalue(which), config)
     at_full_schedule(tr)  # self-training started: mixed batches

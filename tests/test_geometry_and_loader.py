@@ -9,8 +9,8 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_mixsup.geometry import box_to_preprocessed
+from nnunet_mixsup.lab.synthetic import boxes_from_label
 from nnunet_mixsup.manifest import Box, CaseSupervision
-from nnunet_mixsup.synthetic import boxes_from_label
 
 
 def _managers(info, config):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_distill import _assert_same_training_state, _batches, _trainer
 
-from nnunet_mixsup.bench_speed import at_full_schedule, bench_speed
+from nnunet_mixsup.lab.bench_speed import at_full_schedule, bench_speed
 
 DEVICE = os.environ.get("MIXSUP_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")

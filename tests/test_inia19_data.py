@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_mixsup import inia19_data
+from nnunet_mixsup.lab import inia19_data
 
 
 def _template_or_skip() -> None:

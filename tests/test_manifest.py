@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 from nnunet_mixsup.manifest import ManifestError, load_manifest
 from nnunet_mixsup.prepare import GENERATED_RECORD, prepare_dataset
-from nnunet_mixsup.synthetic import make_synthetic_dataset
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -202,7 +202,7 @@ def _problems(folder) -> list[str]:
 
 @pytest.fixture()
 def box_ds(fresh_dirs):
-    from nnunet_mixsup.synthetic import make_synthetic_dataset
+    from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 
     folder = make_synthetic_dataset(fresh_dirs["nnUNet_raw"], 963, counts={"mask": 2, "box": 1, "tags": 1},
                                     n_test=0, seed=4)

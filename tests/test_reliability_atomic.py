@@ -20,8 +20,8 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_mixsup import prepare as prep
+from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 from nnunet_mixsup.prepare import GENERATED_RECORD, prepare_dataset
-from nnunet_mixsup.synthetic import make_synthetic_dataset
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 
@@ -191,7 +191,7 @@ def test_prepare_killed_then_rerun_completes(ds, tmp_path, where, n, second_run)
 # ---------------------------------------------------------------------------------- simulate
 SIM_KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from nnunet_mixsup import simulate as sim
+    from nnunet_mixsup.lab import simulate as sim
 
     where, n = sys.argv[1], int(sys.argv[2])
     calls = []
@@ -222,7 +222,7 @@ def src(fresh_dirs) -> Path:
 
 
 def test_simulate_killed_midway_leaves_no_target_and_rerun_matches(src, tmp_path):
-    from nnunet_mixsup.simulate import simulate_dataset
+    from nnunet_mixsup.lab.simulate import simulate_dataset
 
     raw = src.parent
     kw = {"masks": 0.3, "boxes": 0.4, "tags": 0.2, "seed": 1, "box_jitter_mm": 1.0, "show_progress": False}
@@ -238,7 +238,7 @@ def test_simulate_killed_midway_leaves_no_target_and_rerun_matches(src, tmp_path
 
 
 def test_simulate_killed_between_the_overwrite_renames_restores_the_old_dataset(src, tmp_path):
-    from nnunet_mixsup.simulate import simulate_dataset
+    from nnunet_mixsup.lab.simulate import simulate_dataset
 
     raw = src.parent
     kw = {"masks": 0.3, "boxes": 0.4, "tags": 0.2, "box_jitter_mm": 1.0, "show_progress": False}
@@ -255,7 +255,7 @@ def test_simulate_killed_between_the_overwrite_renames_restores_the_old_dataset(
 
 
 def test_simulate_exception_after_n_files_leaves_nothing(src, fresh_dirs, monkeypatch):
-    from nnunet_mixsup import simulate as sim
+    from nnunet_mixsup.lab import simulate as sim
 
     raw = src.parent
     for n in (1, 4, 10):

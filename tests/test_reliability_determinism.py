@@ -29,7 +29,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 def test_simulation_is_bytewise_deterministic(fresh_dirs):
     from test_simulate import make_source
 
-    from nnunet_mixsup.simulate import simulate_dataset
+    from nnunet_mixsup.lab.simulate import simulate_dataset
 
     make_source(fresh_dirs["nnUNet_raw"], n=12)
     kw = {"masks": 0.25, "boxes": 0.25, "tags": 0.25, "box_margin_mm": 1.0, "box_jitter_mm": 2.0,

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from nnunet_mixsup import manifest as manifest_module
 from nnunet_mixsup.evaluation import EvaluationError, evaluate_folders
+from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 from nnunet_mixsup.manifest import (
     CaseSupervision,
     Manifest,
@@ -23,7 +24,6 @@ from nnunet_mixsup.manifest import (
     validate_against_dataset,
 )
 from nnunet_mixsup.prepare import GENERATED_RECORD, prepare_dataset
-from nnunet_mixsup.synthetic import make_synthetic_dataset
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -30,6 +30,7 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 from nnunet_mixsup.manifest import (
     Box,
     CaseSupervision,
@@ -41,7 +42,6 @@ from nnunet_mixsup.manifest import (
     validate_against_dataset,
 )
 from nnunet_mixsup.prepare import prepare_dataset
-from nnunet_mixsup.synthetic import make_synthetic_dataset
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                     database=None)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_mixsup import simulate as sim
-from nnunet_mixsup.simulate import (
+from nnunet_mixsup.lab import simulate as sim
+from nnunet_mixsup.lab.simulate import (
     HIDDEN_LABELS_DIR,
     boxes_from_label,
     fraction_or_count,

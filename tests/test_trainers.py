@@ -116,7 +116,7 @@ def test_supervised_loss_is_nnunet_loss_per_group(which, config, batch_dice, req
 def test_pseudo_label_term_is_nnunet_loss_on_the_selected_samples(which, config, request, monkeypatch):
     """The self-training term equals nnU-Net's loss on the pseudo-labelled samples as a sub-batch."""
     import nnunet_mixsup.trainers.mixsup as M
-    from nnunet_mixsup.bench_speed import at_full_schedule
+    from nnunet_mixsup.lab.bench_speed import at_full_schedule
     from nnunet_mixsup.manifest import TYPE_CODES
 
     tr = make_trainer("MixSupTrainer", request.getfixturevalue(which), config)

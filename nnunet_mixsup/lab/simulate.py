@@ -54,11 +54,8 @@ import os
 import re
 import shutil
 import sys
-import tempfile
-import uuid
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +63,20 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from nnunet_mixsup.fileio import staged_folder
+from nnunet_mixsup.raw_datasets import (
+    check_dataset_name,
+    check_target_id,
+    package_version,
+    raw_root,
+    validate_dataset_id,
+)
+
 HIDDEN_LABELS_DIR = "labelsTr_dense_hidden"
 SIMULATION_RECORD = "simulation.json"
 TYPES = ("mask", "box", "tags", "none")
 #: an amount of cases: a fraction (``float``) or a number of cases (``int``)
 Amount = int | float
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 _HIDDEN_README = (
     "Dense labels of the weak (box / tags / none) training cases of this simulated mixed-supervision\n"
     "dataset. For evaluation and analysis ONLY: nothing in training reads this folder. Do not move these\n"
@@ -80,126 +85,10 @@ _HIDDEN_README = (
 
 
 # ----------------------------------------------------------------------------------------------------------
-# helpers shared with demo_data
+# helpers
 # ----------------------------------------------------------------------------------------------------------
-def raw_root() -> Path:
-    """``nnUNet_raw`` as a Path (clear error when unset)."""
-    from nnunetv2.paths import nnUNet_raw
-
-    if not nnUNet_raw.is_set():
-        raise RuntimeError("environment variable nnUNet_raw is not set (export nnUNet_raw=/path/to/nnUNet_raw)")
-    return Path(nnUNet_raw.get())
-
-
-def check_target_id(dataset_id: int, folder_name: str) -> None:
-    """Refuse a dataset id already used under another name in nnUNet_raw / _preprocessed / _results."""
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
-
-    prefix = f"Dataset{dataset_id:03d}_"
-    for var in (nnUNet_raw, nnUNet_preprocessed, nnUNet_results):
-        root = var.get()
-        if not root or not os.path.isdir(root):
-            continue
-        others = sorted(n for n in os.listdir(root) if n.startswith(prefix) and n != folder_name
-                        and os.path.isdir(os.path.join(root, n)))
-        if others:
-            raise FileExistsError(f"dataset id {dataset_id} is already used by {others[0]} in {root}; "
-                                  f"choose another id (nnU-Net needs one name per id)")
-
-
-def validate_dataset_id(dataset_id: Any) -> int:
-    if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
-        raise ValueError(f"dataset id must be an integer in 1..999, got {dataset_id!r}")
-    return int(dataset_id)
-
-
-def _recover_interrupted(target: Path) -> None:
-    """Clean up after a killed :func:`staged_folder` run of ``target``.
-
-    A staging folder whose process is gone is removed. A ``.old`` folder (the previous dataset,
-    moved aside for an ``overwrite``) is moved back if the target is missing - the kill came
-    between the two renames - and removed if the target exists (the new dataset was complete).
-    """
-    from nnunet_mixsup.prepare import pid_alive
-
-    parent = target.parent
-    if not parent.is_dir():
-        return
-    tmp_prefix, old_prefix = f".{target.name}.tmp-", f".{target.name}.old-"
-    olds = []
-    for p in sorted(parent.iterdir()):
-        if p.name.startswith(tmp_prefix) and p.is_dir():
-            pid = p.name[len(tmp_prefix):].split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
-        elif p.name.startswith(old_prefix) and p.is_dir():
-            pid = p.name[len(old_prefix):].split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                olds.append(p)
-    for old in olds:
-        if not target.exists():
-            os.rename(old, target)
-            warnings.warn(f"restored {target} from {old.name}, left by an interrupted overwrite", stacklevel=3)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty hidden temporary sibling of ``target``; on success it becomes ``target``.
-
-    Raises :class:`FileExistsError` when ``target`` exists and ``overwrite`` is false. On any
-    exception (including KeyboardInterrupt) the temporary folder is removed and ``target`` is left as
-    it was. With ``overwrite`` the old folder is only removed after the new one is complete. After a
-    hard kill (SIGKILL, power loss) the next call for the same target removes the stale temporary
-    folder and, if the kill came between moving the old dataset aside and moving the new one in,
-    restores the old one first.
-    """
-    target = Path(target)
-    _recover_interrupted(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; refusing to overwrite it (use overwrite=True / "
-                              f"--overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(f"{target} appeared while writing; refusing to overwrite it")
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def package_version() -> str | None:
-    try:
-        from nnunet_mixsup import __version__
-
-        return str(__version__)
-    except ImportError:
-        pass
-    try:
-        from importlib.metadata import version
-
-        return version("nnunet-mixsup")
-    except Exception:  # noqa: BLE001 - optional information only
-        return None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -351,9 +240,7 @@ def _target_folder_name(target_id: int, source_name: str, target_name: str | Non
         name = target_name[len(prefix):]
     else:
         name = target_name
-    if not _NAME_RE.match(name):
-        raise ValueError(f"invalid dataset name {name!r} (letters, digits, '_' and '-' only)")
-    return prefix + name
+    return prefix + check_dataset_name(name)
 
 
 def _source_folder(source_id: int | str) -> Path:

@@ -39,8 +39,8 @@ import numpy as np
 
 from nnunet_mixsup.evaluation import dice_score, labels_from_dataset_json
 from nnunet_mixsup.geometry import rasterize_boxes_in_patch
+from nnunet_mixsup.lab.simulate import HIDDEN_LABELS_DIR
 from nnunet_mixsup.manifest import CaseSupervision, Manifest, load_manifest
-from nnunet_mixsup.simulate import HIDDEN_LABELS_DIR
 
 LOWER_TRAINER = "nnUNetTrainer_MixSupBudget"
 

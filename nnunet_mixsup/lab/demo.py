@@ -78,11 +78,11 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
 
     raw = workdir / "nnUNet_raw"
     if not list(raw.glob(f"Dataset{SOURCE_ID}_*")):
-        from nnunet_mixsup.demo_data import make_demo_dataset
+        from nnunet_mixsup.lab.demo_data import make_demo_dataset
         print(f"[demo] building the real-anatomy demo dataset ({n_train} train / {n_test} test)")
         make_demo_dataset(dataset_id=SOURCE_ID, n_train=n_train, n_test=n_test, seed=seed)
     if not list(raw.glob(f"Dataset{TARGET_ID}_*")):
-        from nnunet_mixsup.simulate import simulate_dataset
+        from nnunet_mixsup.lab.simulate import simulate_dataset
         rest = 1.0 - masks
         print(f"[demo] simulating weak labels: {masks:.0%} masks, rest boxes / tags / unlabelled")
         simulate_dataset(SOURCE_ID, TARGET_ID, masks=masks, boxes=0.4 * rest / 0.9, tags=0.2 * rest / 0.9,

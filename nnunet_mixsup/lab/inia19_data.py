@@ -8,7 +8,7 @@ NeuroMaps atlas for primate brain image parcellation and spatial normalization",
 Neuroinformatics 6 (2012) 27. Use it for benchmarks and demonstrations only. Another folder holding
 the two files can be given with the environment variable ``NNUNET_MIXSUP_INIA19_DIR``.
 
-Why another dataset: on the MNI152 demo (:mod:`nnunet_mixsup.demo_data`) every class is in every
+Why another dataset: on the MNI152 demo (:mod:`nnunet_mixsup.lab.demo_data`) every class is in every
 image and the white- and grey-matter boxes span the brain, so boxes and tags constrain almost
 nothing a mask-only model does not already know. Here they say something:
 
@@ -55,8 +55,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_mixsup.demo_data import _rotation, _smooth_field
-from nnunet_mixsup.simulate import _NAME_RE, check_target_id, raw_root, staged_folder, validate_dataset_id, write_json
+from nnunet_mixsup.fileio import staged_folder
+from nnunet_mixsup.lab.demo_data import _rotation, _smooth_field
+from nnunet_mixsup.lab.simulate import write_json
+from nnunet_mixsup.raw_datasets import check_dataset_name, check_target_id, raw_root, validate_dataset_id
 
 DEBIAN_FOLDER = Path("/usr/share/mricron/templates")
 T1_FILE, ATLAS_FILE = "inia19-t1-brain.nii.gz", "inia19-NeuroMaps.nii.gz"
@@ -260,8 +262,7 @@ def make_inia19_dataset(dataset_id: int = DEFAULT_ID, n_train: int = 20, n_test:
         raise ValueError("n_train must be >= 1 and n_test >= 0")
     if not 0.5 <= float(spacing_mm) <= 6.0:
         raise ValueError(f"spacing_mm must lie in [0.5, 6] mm, got {spacing_mm}")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"invalid dataset name {name!r} (letters, digits, '_' and '-' only)")
+    check_dataset_name(name)
     template_files()  # clear error (or the install) before anything else
     folder_name = f"Dataset{dataset_id:03d}_{name}"
     target = raw_root() / folder_name

@@ -53,7 +53,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_mixsup.simulate import _NAME_RE, check_target_id, raw_root, staged_folder, validate_dataset_id, write_json
+from nnunet_mixsup.fileio import staged_folder
+from nnunet_mixsup.lab.simulate import write_json
+from nnunet_mixsup.raw_datasets import check_dataset_name, check_target_id, raw_root, validate_dataset_id
 
 LABELS = {"background": 0, "white_matter": 1, "grey_matter": 2, "lateral_ventricles": 3}
 FOV_MM = (180.0, 216.0, 180.0)  # ITK order (x, y, z) = (left-right, posterior-anterior, inferior-superior)
@@ -198,8 +200,7 @@ def make_demo_dataset(dataset_id: int = 990, n_train: int = 20, n_test: int = 10
         raise ValueError("n_train must be >= 1 and n_test >= 0")
     if not 1.0 <= float(spacing_mm) <= 12.0:
         raise ValueError(f"spacing_mm must lie in [1, 12] mm, got {spacing_mm}")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"invalid dataset name {name!r} (letters, digits, '_' and '-' only)")
+    check_dataset_name(name)
     template_folder()  # clear error before anything else
     folder_name = f"Dataset{dataset_id:03d}_{name}"
     target = raw_root() / folder_name
@@ -231,7 +232,7 @@ def make_demo_dataset(dataset_id: int = 990, n_train: int = 20, n_test: int = 10
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     if getattr(args, "dataset", "mni152") == "inia19":
-        from nnunet_mixsup.inia19_data import DEFAULT_ID, DEFAULT_SPACING, make_inia19_dataset
+        from nnunet_mixsup.lab.inia19_data import DEFAULT_ID, DEFAULT_SPACING, make_inia19_dataset
 
         folder = make_inia19_dataset(DEFAULT_ID if args.d is None else args.d, n_train=args.train, n_test=args.test,
                                      spacing_mm=DEFAULT_SPACING if args.spacing is None else args.spacing,
