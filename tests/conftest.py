@@ -11,8 +11,19 @@ os.environ.setdefault("nnUNet_def_n_proc", "1")
 os.environ.setdefault("nnUNet_mixsup_no_plot", "1")
 
 
+#: fixtures that write an nnU-Net dataset (raw, preprocessed or results folders): tests using one belong to the
+#: integration tier and are marked ``slow`` automatically, so ``pytest -m "not slow"`` is the fast unit tier
+DATASET_FIXTURES = {"nnunet_dirs", "fresh_dirs", "planned_2d", "planned_3d"}
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs (seconds to minutes)")
+    config.addinivalue_line("markers", "slow: integration tier - builds an nnU-Net dataset or runs nnU-Net end to end")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if DATASET_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -436,3 +436,21 @@ def test_pretrained_weights_reach_teacher_and_second_network(cls_name, planned_2
             assert not all(torch.equal(o[k], student[prefix + k]) for k in o if k not in shared)
     finally:
         tr.on_train_end()
+
+
+def test_per_class_start_uses_boxes_for_the_class_the_teacher_misses(planned_2d, monkeypatch):
+    """MixSupTrainer_PerClass: weak cases from the earliest start; box term and no pseudo labels for a missed class."""
+    calls = _spy_teacher(monkeypatch)
+    tr = _trainer("MixSupTrainer_PerClass", planned_2d, "2d", strong_fraction=0.3)
+    tr.num_epochs = 10
+    n = len(tr.label_manager.foreground_labels)
+    tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * (n - 1) + [0.0]] * 6
+    tr.current_epoch = 6
+    assert tr.self_training_start() == 4 and tr.ready_classes() == [True] * (n - 1) + [False]
+    b = next(b for b in _batches(tr, 12) if (b["sup_type"] == TYPE_CODES["box"]).any())
+    out = tr.train_step(b)
+    assert np.isfinite(out["loss"]) and np.isfinite(out["loss_box"])
+    c = calls[0]
+    open_last = (c["allowed0"][:, -1:] > 0) & (c["seg0"] == tr.label_manager.ignore_label)
+    assert (c["pseudo"][open_last] == tr.label_manager.ignore_label).all()  # the missed class stays open
+    assert "never labelled" in tr.schedule_report()

@@ -20,6 +20,7 @@ EXPECTED = {
     "MixSupTrainer_StrongView": True,
     "MixSupTrainer_StrongViewAddWeak": True,
     "MixSupTrainer_MaskOnly2x": True,
+    "MixSupTrainer_PerClass": True,
 }
 
 

@@ -78,3 +78,22 @@ class MixSupTrainer_MaskOnly2x(MixSupTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.strong_fraction = 1.0
         self.weak_batch_extra = 1.0
+
+
+class MixSupTrainer_PerClass(MixSupTrainer):
+    """``MixSupTrainer`` whose weak cases join at ``schedule.earliest`` even if a class is still missed.
+
+    The default waits until the mask-only model segments *every* class; when one class stays hard
+    (exactly where a box would say where it is) the weak cases are never used. Here self-training
+    starts at 40 % of the epochs whatever the Dice says (``schedule.per_class``); the teacher's
+    pseudo labels speak only for the classes that reached ``schedule.min_dice`` (an unknown voxel
+    where a not-yet-ready class may be present stays unknown), and the box term (presence on 2D
+    slices of volumes, tightness in 3D, ``box_weight``) teaches the not-yet-ready classes from their
+    boxes until the teacher takes over.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.schedule.per_class = True
+        self.box_weight = 0.5

@@ -46,6 +46,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_mixsup.data import MixSupDataLoader, record_spatial_axes
 from nnunet_mixsup.losses import (
+    BoxPresenceLoss,
+    BoxProjectionLoss,
     CertainNegativeLoss,
     EntropyLoss,
     KnownVoxelCrossEntropyLoss,
@@ -197,15 +199,18 @@ def linear_rampup(epoch: int, length: int) -> float:
 
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
-                          rows: torch.Tensor, ignore_label: int, threshold: float,
-                          noise_std: float = 0.0) -> torch.Tensor:
+                          rows: torch.Tensor, ignore_label: int, threshold: float, noise_std: float = 0.0,
+                          unsure: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 1, *s) labels: real labels where known; on the ``rows`` samples, the teacher's confident labels elsewhere.
 
     The teacher sees ``data`` + Gaussian noise (``noise_std``); its softmax is constrained by the
     allowed maps ``allowed0`` (B, K, *s) (class c zeroed outside the boxes of c and for classes
     absent from the tags, :func:`constrain_pseudo_labels`), and its arg-max fills the unknown
     voxels where the constrained probability is at least ``threshold``
-    (:func:`pseudo_label_map`); other unknown voxels keep the ignore label.
+    (:func:`pseudo_label_map`); other unknown voxels keep the ignore label. ``unsure`` (K,) bool
+    marks classes the teacher cannot be trusted with yet: an unknown voxel where such a class may be
+    present (its allowed map is 1: inside its boxes, or anywhere if the tags allow it) stays unknown,
+    so the teacher never teaches "not this class" where the weak labels leave it open.
 
     The teacher runs on the ``rows`` only where that is cheaper (:func:`batch_subset_pays`). It
     is in eval mode and nnU-Net's networks normalise per sample (instance norm), so a row's
@@ -223,7 +228,11 @@ def teacher_pseudo_labels(teacher: nn.Module, data: torch.Tensor, seg0: torch.Te
         x = x + noise_std * torch.randn_like(x)
     probs = torch.softmax(as_list(teacher(x))[0].float(), dim=1)
     probs = constrain_pseudo_labels(probs, allowed0[idx].float())
-    pseudo[idx] = pseudo_label_map(probs, seg0[idx], ignore_label, threshold, rows[idx])
+    labels = pseudo_label_map(probs, seg0[idx], ignore_label, threshold, rows[idx])
+    if unsure is not None and bool(unsure.any()):
+        hold = (allowed0[idx][:, unsure.to(allowed0.device)] > 0).any(1, keepdim=True) & (seg0[idx] == ignore_label)
+        labels = torch.where(hold, torch.full_like(labels, ignore_label), labels)
+    pseudo[idx] = labels
     return pseudo
 
 
@@ -246,6 +255,11 @@ class MixSupTrainerBase(nnUNetTrainer):
         weak_supervised_weight: factor of the weak samples' known-voxel CE in :meth:`supervised_loss`.
         negative_weight: weight of the certain-negative term (``CertainNegativeLoss``).
         mlds_weight: factor of the multi-label deep-supervision term (:meth:`mlds_term`).
+        box_term: ``"tightness"``, ``"presence"`` or ``"auto"`` (default) for :meth:`box_term_loss`:
+            presence when a 2D configuration trains on slices of 3D volumes - there a patch holds a
+            cross-section of each 3D box, for which the tightness prior is false (the object's
+            cross-section is smaller than the box rectangle near its ends) but "the object occurs
+            in the rectangle" holds - else tightness.
         max_consecutive_bad_steps: non-finite losses are skipped; this many in a row stop training.
 
     Class attributes:
@@ -265,6 +279,7 @@ class MixSupTrainerBase(nnUNetTrainer):
         self.weak_supervised_weight = 1.0
         self.negative_weight = 1.0
         self.mlds_weight = 1.0
+        self.box_term = "auto"
         self.max_consecutive_bad_steps = 10
         self.consecutive_bad_steps = 0
         self.supervision: dict[str, CaseSupervision] | None = None
@@ -500,6 +515,8 @@ class MixSupTrainerBase(nnUNetTrainer):
         self.weak_ce = KnownVoxelCrossEntropyLoss(self.label_manager.ignore_label)
         self.negative_loss = CertainNegativeLoss()
         self.mlds_loss = MultiLabelDeepSupervisionLoss()
+        self.box_tightness_loss, self.box_presence_loss = BoxProjectionLoss(), BoxPresenceLoss()
+        self._box_term_resolved: str | None = None
         loss = super()._build_loss()
         self.fullres_loss = loss.loss if hasattr(loss, "loss") else loss  # Dice + CE of one output
         return loss
@@ -593,6 +610,48 @@ class MixSupTrainerBase(nnUNetTrainer):
             keep = rows.view(-1, *([1] * (allowed0.ndim - 1)))
             allowed0 = torch.where(keep, allowed0, torch.ones_like(allowed0))
         return self.negative_weight * self.negative_loss(logits, allowed0)
+
+    def box_term_loss(self, logits: torch.Tensor, allowed0: torch.Tensor, batch: dict,
+                      classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Box tightness or presence (unweighted) on the box samples whose box lies fully inside the patch.
+
+        Tightness (:class:`BoxProjectionLoss`: every slice through the box extent crosses the
+        object) only on samples whose augmentation kept the image axes (``batch["axes_kept"]``):
+        after a rotation the box still bounds the object but is not its tight box. Presence
+        (:class:`BoxPresenceLoss`: the object occurs in the box) holds for rotated boxes too.
+        ``classes``: optional (K,) bool restricting the term to those classes. ``logits`` (B, C, *s),
+        ``allowed0`` (B, K, *s) (for box samples: the union of the boxes of each class).
+        """
+        sup_type = batch["sup_type"].to(logits.device)
+        valid = boxes_inside_patch(allowed0) & (sup_type == TYPE_CODES["box"])[:, None]
+        if classes is not None:
+            valid = valid & classes.to(valid.device)[None, :]
+        if self.resolved_box_term() == "presence":
+            return self.box_presence_loss(logits, allowed0, valid)
+        valid = valid & batch["axes_kept"].to(valid.device)[:, None]
+        return self.box_tightness_loss(logits, allowed0, valid)
+
+    def resolved_box_term(self) -> str:
+        """``box_term`` with ``"auto"`` resolved: presence for 2D patches cut from 3D volumes (cached)."""
+        if self._box_term_resolved is None:
+            self._box_term_resolved = self._resolve_box_term()
+            self.print_to_log_file(f"box term: {self._box_term_resolved} (box_term={self.box_term!r})")
+        return self._box_term_resolved
+
+    def _resolve_box_term(self) -> str:
+        if self.box_term not in ("auto", "tightness", "presence"):
+            raise ValueError(f"box_term must be 'auto', 'tightness' or 'presence', got {self.box_term!r}")
+        if self.box_term != "auto":
+            return self.box_term
+        if len(self.configuration_manager.patch_size) == 3:
+            return "tightness"
+        return "presence" if self.training_data_is_volumetric() else "tightness"
+
+    def training_data_is_volumetric(self) -> bool:
+        """True when the preprocessed cases have more than one slice (2D configs then train on slices)."""
+        keys = sorted(self.load_supervision())  # also sets self.dataset_class
+        data = self.dataset_class(self.preprocessed_dataset_folder, keys[:1]).load_case(keys[0])[0]
+        return data.shape[1] > 1
 
     def forward_and_loss(self, data: torch.Tensor, seg: list[torch.Tensor], allowed: list[torch.Tensor],
                          batch: dict) -> dict[str, torch.Tensor]:
@@ -734,17 +793,45 @@ class SelfTrainingSchedule:
     earliest: float = 0.4
     min_dice: float = 0.5
     rampup: float = 0.2
+    per_class: bool = False
 
     def ready(self, dice_per_class: Sequence[float]) -> bool:
         """Every class's validation Dice >= ``min_dice`` (NaN counts as ready)."""
         return all(np.isnan(d) or d >= self.min_dice for d in dice_per_class)
 
     def start_epoch(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int) -> int | None:
-        """The epoch at which self-training starts, or None if it has not started by ``current_epoch``."""
-        for epoch in range(max(1, round(self.earliest * num_epochs)), current_epoch + 1):
+        """The epoch at which self-training starts, or None if it has not started by ``current_epoch``.
+
+        With ``per_class`` the weak cases join at ``earliest`` whatever the Dice says; each class
+        is then trusted to the teacher from its own ready epoch on (:meth:`ready_classes`).
+        """
+        first = max(1, round(self.earliest * num_epochs))
+        if self.per_class:
+            return first if current_epoch >= first else None
+        for epoch in range(first, current_epoch + 1):
             if epoch - 1 < len(dice_history) and self.ready(dice_history[epoch - 1]):
                 return epoch
         return None
+
+    def ready_classes(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int,
+                      n_classes: int) -> list[bool]:
+        """Per class: whether the teacher's pseudo labels may speak for it at ``current_epoch``.
+
+        Without ``per_class``: every class once self-training has started. With it: class c from the
+        first epoch ``e >= start`` whose previous epoch logged a validation Dice >= ``min_dice`` for c
+        (NaN counts as ready), and from then on.
+        """
+        start = self.start_epoch(dice_history, current_epoch, num_epochs)
+        if start is None:
+            return [False] * n_classes
+        if not self.per_class:
+            return [True] * n_classes
+        ready = [False] * n_classes
+        for epoch in range(start, current_epoch + 1):
+            if epoch - 1 < len(dice_history):
+                for c, d in enumerate(dice_history[epoch - 1][:n_classes]):
+                    ready[c] = ready[c] or bool(np.isnan(d) or d >= self.min_dice)
+        return ready
 
     def ramp(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int) -> float:
         """Weight factor of the pseudo-label term: 0 before the start, then linear 0 -> 1."""
@@ -761,7 +848,14 @@ class SelfTrainingSchedule:
         if start is not None:
             share = 100.0 * (last - start) / max(1, last)
             part = "" if start <= 1 else f" (the first {start} epochs used the mask cases only)"
-            return f"weak cases used from epoch {start} on, {share:.0f} % of the {last} epochs{part}"
+            msg = f"weak cases used from epoch {start} on, {share:.0f} % of the {last} epochs{part}"
+            if self.per_class:
+                ready = self.ready_classes(dice_history, current_epoch, num_epochs, len(class_names))
+                never = [n for n, r in zip(class_names, ready) if not r]
+                if never:
+                    msg += (f"; the teacher never labelled {', '.join(never)} (validation Dice below "
+                            f"{self.min_dice}): only their weak labels taught them")
+            return msg
         best = np.nanmax(np.asarray(dice_history, dtype=float), axis=0) if len(dice_history) else None
         if best is None:
             return "weak cases never used: no validation Dice was logged"
@@ -812,6 +906,9 @@ class MixSupTrainer(MixSupTrainerBase):
         entropy_weight, entropy_rampup_epochs: the entropy term and its linear ramp.
         weak_batch_extra: weak samples added on top of the plans' batch after the start, as a share
             of it (0: they take ``1 - strong_fraction`` of the plans' batch instead).
+        box_weight: weight of the box term (:meth:`~MixSupTrainerBase.box_term_loss`) for the classes
+            the teacher is not trusted with yet (all classes before ``schedule.per_class`` marks them
+            ready); 0: boxes act through their certain negatives only.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -827,7 +924,8 @@ class MixSupTrainer(MixSupTrainerBase):
         self.entropy_weight = 0.1
         self.entropy_rampup_epochs = 50
         self.weak_batch_extra = 0.0
-        self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy")
+        self.box_weight = 0.0
+        self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box")
         self._loaders_in_warmup = False
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
@@ -843,6 +941,11 @@ class MixSupTrainer(MixSupTrainerBase):
     def self_training_start(self) -> int | None:
         """The epoch self-training started at (None: not yet), from the logged validation Dice."""
         return self.schedule.start_epoch(self._dice_history(), self.current_epoch, self.num_epochs)
+
+    def ready_classes(self) -> list[bool]:
+        """Per foreground class: whether the teacher's pseudo labels speak for it now (the schedule's rule)."""
+        return self.schedule.ready_classes(self._dice_history(), self.current_epoch, self.num_epochs,
+                                           len(self.label_manager.foreground_labels))
 
     def pseudo_ramp(self) -> float:
         """The schedule's ramp of the pseudo-label term at ``current_epoch``."""
@@ -895,8 +998,10 @@ class MixSupTrainer(MixSupTrainerBase):
         sup_type = batch["sup_type"].to(data.device)
         weak = sup_type != TYPE_CODES["mask"]
         selected = torch.isin(sup_type, torch.tensor([TYPE_CODES[t] for t in self.pseudo_types], device=data.device))
+        unsure = ~torch.tensor(self.ready_classes(), device=data.device)
         pseudo = teacher_pseudo_labels(self.extra_modules["teacher"], data, seg[0], allowed[0], selected,
-                                       self.label_manager.ignore_label, self.pseudo_threshold, self.teacher_noise_std)
+                                       self.label_manager.ignore_label, self.pseudo_threshold, self.teacher_noise_std,
+                                       unsure=unsure)
         data, seg, allowed, pseudo = self.student_view(data, seg, allowed, pseudo, selected)
         output = as_list(self.network(data))
         terms = {"supervised": self.supervised_loss(self.loss, output, seg, batch) if self.enable_deep_supervision
@@ -908,6 +1013,8 @@ class MixSupTrainer(MixSupTrainerBase):
         entropy_ramp = linear_rampup(self.current_epoch, self.entropy_rampup_epochs)
         if self.entropy_weight > 0 and bool(unlabelled.any()):
             terms["entropy"] = self.entropy_weight * entropy_ramp * self.entropy_loss(output[0], sample_mask=unlabelled)
+        if self.box_weight > 0 and bool(unsure.any()):
+            terms["box"] = self.box_weight * self.box_term_loss(output[0], allowed[0], batch, classes=unsure)
         return terms
 
     def student_view(self, data: torch.Tensor, seg: list[torch.Tensor], allowed: list[torch.Tensor],

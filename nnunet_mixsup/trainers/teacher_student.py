@@ -29,8 +29,6 @@ import torch
 from torch import nn
 
 from nnunet_mixsup.losses import (
-    BoxPresenceLoss,
-    BoxProjectionLoss,
     EntropyLoss,
     KLDistillationLoss,
     SoftDiceAgreementLoss,
@@ -42,7 +40,6 @@ from nnunet_mixsup.trainers.mixsup import (
     MixSupTrainerBase,
     as_list,
     batch_subset_pays,
-    boxes_inside_patch,
     ema_teacher,
     linear_rampup,
     load_pretrained_like_nnunet,
@@ -79,18 +76,11 @@ class TeacherStudentTrainer(MixSupTrainerBase):
     - ``mlds``: multi-label deep supervision on every sample at the coarse outputs (real labels,
       or pseudo labels where given, with box / tag negatives pooled in);
     - ``negatives``: certain negatives at full resolution;
-    - ``box``: on box samples with the box fully inside the patch, tightness (max-projection Dice,
-      :class:`BoxProjectionLoss`; only where the augmentation kept the image axes) or presence
-      (:class:`BoxPresenceLoss`), see ``box_term``;
+    - ``box``: box tightness or presence on box samples (:meth:`~MixSupTrainerBase.box_term_loss`);
     - ``entropy``: entropy on unlabelled samples, ramped in over ``entropy_rampup_epochs``.
 
     Attributes:
         box_weight, entropy_weight, entropy_rampup_epochs: term weights and the entropy ramp.
-        box_term: ``"tightness"``, ``"presence"`` or ``"auto"`` (default): presence when a 2D
-            configuration trains on slices of 3D volumes - there a patch holds a cross-section of each
-            3D box, for which the tightness prior is false (the object's cross-section is smaller than
-            the box rectangle near its ends) but "the object occurs in the rectangle" holds - else
-            tightness.
         distill_rampup: fraction of the epochs over which the distillation terms ramp up linearly.
     """
 
@@ -98,7 +88,6 @@ class TeacherStudentTrainer(MixSupTrainerBase):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.box_weight = 0.5
-        self.box_term = "auto"
         self.entropy_weight = 0.1
         self.entropy_rampup_epochs = 50
         self.distill_rampup = 0.25
@@ -106,8 +95,6 @@ class TeacherStudentTrainer(MixSupTrainerBase):
 
     def _build_loss(self):
         loss = super()._build_loss()
-        self.box_tightness_loss, self.box_presence_loss = BoxProjectionLoss(), BoxPresenceLoss()
-        self._box_term_resolved: str | None = None
         self.entropy_loss = EntropyLoss()
         return loss
 
@@ -135,41 +122,12 @@ class TeacherStudentTrainer(MixSupTrainerBase):
         terms["negatives"] = self.negatives_term(output[0], allowed[0])
         sup_type = batch["sup_type"].to(output[0].device)
         if self.box_weight > 0:
-            valid = boxes_inside_patch(allowed[0]) & (sup_type == TYPE_CODES["box"])[:, None]
-            if self.resolved_box_term() == "presence":
-                box_loss = self.box_presence_loss  # "the object is somewhere in its box" holds for rotated boxes too
-            else:  # a rotated box is not the tight box of the rotated object: tightness only where axes were kept
-                box_loss = self.box_tightness_loss
-                valid = valid & batch["axes_kept"].to(valid.device)[:, None]
-            terms["box"] = self.box_weight * box_loss(output[0], allowed[0], valid)
+            terms["box"] = self.box_weight * self.box_term_loss(output[0], allowed[0], batch)
         unlabelled = sup_type == TYPE_CODES["none"]
         if entropy and self.entropy_weight > 0:
             ramp = linear_rampup(self.current_epoch, self.entropy_rampup_epochs)
             terms["entropy"] = self.entropy_weight * ramp * self.entropy_loss(output[0], sample_mask=unlabelled)
         return terms
-
-    def resolved_box_term(self) -> str:
-        """``box_term`` with ``"auto"`` resolved: presence for 2D patches cut from 3D volumes (cached)."""
-        if self._box_term_resolved is None:
-            self._box_term_resolved = self._resolve_box_term()
-            self.print_to_log_file(f"box term: {self._box_term_resolved} (box_term={self.box_term!r})")
-        return self._box_term_resolved
-
-    def _resolve_box_term(self) -> str:
-        if self.box_term not in ("auto", "tightness", "presence"):
-            raise ValueError(f"box_term must be 'auto', 'tightness' or 'presence', got {self.box_term!r}")
-        if self.box_term != "auto":
-            return self.box_term
-        if len(self.configuration_manager.patch_size) == 3:
-            return "tightness"
-        return "presence" if self.training_data_is_volumetric() else "tightness"
-
-    def training_data_is_volumetric(self) -> bool:
-        """True when the preprocessed cases have more than one slice (2D configs then train on slices)."""
-        keys = sorted(self.load_supervision())  # also sets self.dataset_class
-        data = self.dataset_class(self.preprocessed_dataset_folder, keys[:1]).load_case(keys[0])[0]
-        return data.shape[1] > 1
-
 
 
 class MixSupTrainer_MeanTeacher(TeacherStudentTrainer):

@@ -1,6 +1,7 @@
 """Re-exports of the experiment-only trainers for ``nnUNet_extTrainer`` (added by ``nnunet-mixsup benchmark``)."""
 from nnunet_mixsup.lab.experiment_trainers import (  # noqa: F401
     MixSupTrainer_MaskOnly2x,
+    MixSupTrainer_PerClass,
     MixSupTrainer_StrongView,
     MixSupTrainer_StrongViewAddWeak,
 )

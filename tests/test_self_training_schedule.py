@@ -1,0 +1,57 @@
+"""SelfTrainingSchedule and the teacher's pseudo labels for classes it is not trusted with (no nnU-Net dataset)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnunet_mixsup.trainers.mixsup import SelfTrainingSchedule, teacher_pseudo_labels
+
+IGN = 3
+
+
+def test_all_class_start_waits_for_every_class():
+    s = SelfTrainingSchedule(earliest=0.4, min_dice=0.5, rampup=0.2)
+    hist = [[0.9, 0.2]] * 8 + [[0.9, 0.6]] * 2
+    assert s.start_epoch(hist, 8, 10) is None
+    assert s.ready_classes(hist, 8, 10, 2) == [False, False]
+    assert s.start_epoch(hist, 9, 10) == 9 and s.ready_classes(hist, 9, 10, 2) == [True, True]
+
+
+def test_per_class_start_at_earliest_and_classes_ready_one_by_one():
+    s = SelfTrainingSchedule(earliest=0.4, min_dice=0.5, rampup=0.2, per_class=True)
+    hist = [[0.9, 0.2]] * 6 + [[0.9, 0.7]] + [[0.9, 0.3]] * 3
+    assert s.start_epoch(hist, 3, 10) is None and s.ready_classes(hist, 3, 10, 2) == [False, False]
+    assert s.start_epoch(hist, 4, 10) == 4  # whatever the Dice says
+    assert s.ready_classes(hist, 4, 10, 2) == [True, False]
+    assert s.ready_classes(hist, 7, 10, 2) == [True, True]  # epoch 6 logged 0.7 for class 2
+    assert s.ready_classes(hist, 9, 10, 2) == [True, True]  # and stays ready after a dip
+    assert s.ramp(hist, 4, 10) == pytest.approx(0.5)
+    msg = s.report([[0.9, 0.2]] * 10, 9, 10, ["a", "b"])
+    assert "from epoch 4" in msg and "never labelled b" in msg
+
+
+class _Const(torch.nn.Module):
+    """A 'teacher' that predicts class 0 (background) everywhere with high confidence."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        logits[:, 0] = 10.0
+        return logits
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_unsure_classes_keep_their_open_voxels_unknown(dim):
+    shape = (6,) * dim
+    data = torch.zeros(2, 1, *shape)
+    seg0 = torch.full((2, 1, *shape), IGN)
+    seg0[0, 0, 0] = 1  # a real label is kept
+    allowed = torch.zeros(2, 2, *shape)
+    allowed[:, 1, 2:4] = 1  # class 2 may be present in a slab (its box), class 1 nowhere
+    rows = torch.tensor([True, False])
+    free = teacher_pseudo_labels(_Const(), data, seg0, allowed, rows, IGN, 0.5)
+    assert (free[0, 0, 1:] == 0).all()  # the confident teacher says background everywhere it is asked
+    held = teacher_pseudo_labels(_Const(), data, seg0, allowed, rows, IGN, 0.5, unsure=torch.tensor([False, True]))
+    assert (held[0, 0, 2:4] == IGN).all()  # inside class 2's box: stays unknown
+    assert (held[0, 0, 4:] == 0).all() and (held[0, 0, 1] == 0).all()  # elsewhere: background as before
+    assert (held[0, 0, 0] == 1).all()  # real labels untouched
+    assert torch.equal(held[1], seg0[1])  # unselected rows untouched
