@@ -228,7 +228,7 @@ def write_dataset(target: Path, cases: Sequence[SourceCase], load: Loader, *, ch
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
     from tqdm import tqdm
 
-    from nnunet_mixsup.fileio import staged_folder
+    from nnunet_mixsup.fileio import atomic_write_json, staged_folder
     from nnunet_mixsup.manifest import (
         MANIFEST_NAME,
         ManifestError,
@@ -236,7 +236,6 @@ def write_dataset(target: Path, cases: Sequence[SourceCase], load: Loader, *, ch
         read_raw_dataset,
         validate_against_dataset,
     )
-    from nnunet_mixsup.prepare import atomic_write_json
     from nnunet_mixsup.raw_datasets import package_version
 
     train = [c for c in cases if c.split == "train"]

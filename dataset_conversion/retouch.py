@@ -48,6 +48,7 @@ from dataset_conversion.common import (
     report,
     write_dataset,
 )
+from nnunet_mixsup.fileio import round_half_up
 
 LABELS = {"background": 0, "IRF": 1, "SRF": 2, "PED": 3}
 CHANNELS = {0: "OCT"}
@@ -135,7 +136,7 @@ def default_test_cases(cases: list[SourceCase], test_fraction: float, seed: int)
     out: set[str] = set()
     for vendor in sorted({c.info["vendor"] for c in cases}):
         ids = sorted((c.case_id for c in cases if c.info["vendor"] == vendor), key=lambda c: split_key(seed, c))
-        n_test = min(math.floor(len(ids) * test_fraction + 0.5 + 1e-9), len(ids) - 1)
+        n_test = min(round_half_up(len(ids) * test_fraction), len(ids) - 1)
         out.update(ids[:max(n_test, 0)])
     return out
 

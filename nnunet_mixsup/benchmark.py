@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import hashlib
 import io
 import json
@@ -102,6 +101,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnunet_mixsup.fileio import atomic_write_csv, atomic_write_json, atomic_write_text, pid_alive, round_half_up
 from nnunet_mixsup.lab.simulate import Amount, case_order, fraction_or_count, resolve_counts
 from nnunet_mixsup.progress import run_logged
 
@@ -285,10 +285,6 @@ def budget_label(masks: Amount) -> str:
     return format(float(masks), "g") if isinstance(masks, float) else str(int(masks))
 
 
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5 + 1e-9)
-
-
 def split_counts(n_cases: int, masks: Amount, boxes_share: float, tags_share: float) -> dict[str, int]:
     """Cases per supervision type for one budget.
 
@@ -303,8 +299,8 @@ def split_counts(n_cases: int, masks: Amount, boxes_share: float, tags_share: fl
     except (ValueError, TypeError) as e:
         raise BenchmarkError(f"mask budget {budget_label(masks)} of {n_cases} training cases: {e}") from None
     rest = n_cases - n_mask
-    n_box = _round_half_up(rest * boxes_share)
-    n_box_tags = min(rest, _round_half_up(rest * (boxes_share + tags_share)))
+    n_box = round_half_up(rest * boxes_share)
+    n_box_tags = min(rest, round_half_up(rest * (boxes_share + tags_share)))
     return {"mask": n_mask, "box": n_box, "tags": n_box_tags - n_box, "none": rest - n_box_tags}
 
 
@@ -461,22 +457,9 @@ def summary_markdown(summary: Sequence[dict], headings: dict[str, str] | None = 
     return "\n".join(lines)
 
 
-def _fmt_csv(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else format(v, ".10g")
-    return str(v)
-
-
 def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
     """CSV with the given columns (NaN as ``nan``), written atomically."""
-    from nnunet_mixsup.prepare import atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([_fmt_csv(r.get(c, "")) for c in columns])
-    atomic_write_text(path, buf.getvalue(), newline="")
+    atomic_write_csv(path, [list(columns), *([r.get(c, "") for c in columns] for r in rows)])
 
 
 def _mark_misses(ax: Any, entry: dict, x: float, y: float, colour: str) -> None:
@@ -574,12 +557,6 @@ def _read_json(path: Path) -> Any:
         raise BenchmarkError(f"cannot read {path}: {e}") from None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    from nnunet_mixsup.prepare import atomic_write_json
-
-    atomic_write_json(path, obj)
-
-
 def plans_signature(plans: dict, configuration: str) -> str:
     """sha256 of one configuration of a plans file plus its normalisation statistics.
 
@@ -613,8 +590,6 @@ def _environ(updates: dict[str, str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
     """One benchmark per work directory at a time (a stale lock of a dead process is taken over)."""
-    from nnunet_mixsup.fileio import pid_alive
-
     if path.is_file():
         try:
             pid = int(path.read_text().strip() or 0)
@@ -887,7 +862,7 @@ def assign_ids(sims: list[SimDataset], record_path: Path, dense: DenseDataset, i
             raise BenchmarkError(f"dataset id {sim.id} (recorded in {record_path} for {sim.name}) is now used by "
                                  f"{other}; remove that dataset or use another --workdir")
     if changed or not record_path.is_file():
-        _write_json(record_path, rec)
+        atomic_write_json(record_path, rec)
 
 
 def _check_simulated(folder: Path, sim: SimDataset, dense: DenseDataset) -> None:
@@ -922,9 +897,9 @@ def _write_splits(path: Path, splits: list[dict], session: Session, protect: boo
                 raise BenchmarkError(f"{path} exists and was not written by the benchmark; the upper bound needs "
                                      f"its own folds (train = every case). Move the file aside, or run without "
                                      f"--use-env-dirs so that the benchmark has its own nnU-Net folders")
-    _write_json(path, splits)
+    atomic_write_json(path, splits)
     if protect:
-        _write_json(record, {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        atomic_write_json(record, {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     session.note(f"wrote {path} ({len(splits)} fold(s))")
 
 
@@ -1092,7 +1067,7 @@ def _run(cfg: BenchmarkConfig, session: Session, dirs: dict[str, Path], outside_
     if diff:
         raise BenchmarkError(f"this work directory was set up with other settings ({bj_path}):\n  - " +
                              "\n  - ".join(diff) + "\nfinished runs would not be comparable; use another --workdir")
-    _write_json(bj_path, bj)
+    atomic_write_json(bj_path, bj)
     assign_ids(sims, out / "datasets.json", dense, cfg.id_base, list(dirs.values()))
 
     # ---- simulate
@@ -1111,7 +1086,7 @@ def _run(cfg: BenchmarkConfig, session: Session, dirs: dict[str, Path], outside_
     # ---- plan once, on the first simulated dataset
     if "plans_source" not in bj:
         bj["plans_source"] = {"id": sims[0].id, "name": sims[0].name}
-        _write_json(bj_path, bj)
+        atomic_write_json(bj_path, bj)
     src_id, src_name = bj["plans_source"]["id"], bj["plans_source"]["name"]
     if not (raw / src_name).is_dir():
         raise BenchmarkError(f"the plans were made on {src_name} ({bj_path}), which is gone from {raw}; "
@@ -1138,9 +1113,9 @@ def _run(cfg: BenchmarkConfig, session: Session, dirs: dict[str, Path], outside_
                 cmd += ["--patch-size", *sp["patch_size"]]
             session.run(cmd, f"plan_{src_id}", "deriving the small plans")
         sig = plans_signature(_read_json(pp / src_name / f"{plans_name}.json"), config)
-        _write_json(src_marker, {"plans_signature": sig})
+        atomic_write_json(src_marker, {"plans_signature": sig})
         bj["plans_signature"] = sig
-        _write_json(bj_path, bj)
+        atomic_write_json(bj_path, bj)
     shared = _read_json(pp / src_name / f"{plans_name}.json")
     signature = plans_signature(shared, config)
     if bj.get("plans_signature") != signature:
@@ -1176,7 +1151,7 @@ def _run(cfg: BenchmarkConfig, session: Session, dirs: dict[str, Path], outside_
             raise BenchmarkError(f"the plans moved to {dname} differ from those of {src_name}")
         session.run([_bin("nnUNetv2_preprocess"), "-d", did, "-plans_name", plans_name, "-c", config, "-np", np_],
                     f"preprocess_{did}", f"preprocessing {dname}")
-        _write_json(marker, {"plans_signature": signature})
+        atomic_write_json(marker, {"plans_signature": signature})
 
     # ---- splits: fold 0 = every case (MixSup), fold 1 = mask cases (lower); dense: fold s = every case
     sup_counts: dict[int, dict[str, int]] = {}
@@ -1215,8 +1190,6 @@ def _run(cfg: BenchmarkConfig, session: Session, dirs: dict[str, Path], outside_
              f"mask {cfg.costs['mask']:g}, box {cfg.costs['box']:g}, tags {cfg.costs['tags']:g}, unlabelled "
              f"{cfg.costs['none']:g}. `lower`: {BASELINE_TRAINER} on the mask cases only; `upper`: "
              f"{BASELINE_TRAINER} on all cases fully masked.")
-    from nnunet_mixsup.prepare import atomic_write_text
-
     atomic_write_text(out / "summary.md", summary_markdown(summary_rows, headings, notes))
     plot_summary(summary_rows, out, cfg.costs)
     print(summary_markdown(summary_rows, headings), flush=True)
@@ -1297,7 +1270,7 @@ def _do_run(run: Run, label: str, session: Session, cfg: BenchmarkConfig, dense:
         missing = [c for c in dense.test_ids if not (tmp / f"{c}{dense.file_ending}").is_file()]
         if missing:
             raise BenchmarkError(f"nnUNetv2_predict wrote no prediction for {missing[:3]} ({len(missing)} missing)")
-        _write_json(tmp / "prediction_done.json", {"checkpoint": str(ckpt), "cases": len(dense.test_ids)})
+        atomic_write_json(tmp / "prediction_done.json", {"checkpoint": str(ckpt), "cases": len(dense.test_ids)})
         shutil.rmtree(pred, ignore_errors=True)
         os.replace(tmp, pred)
 

@@ -58,7 +58,6 @@ classes.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -71,6 +70,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from nnunet_mixsup.fileio import atomic_write_csv, atomic_write_text
 
 METRICS = ("dice", "hd95", "nsd")
 PER_CASE_CSV = "metrics_per_case.csv"
@@ -526,28 +527,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, (float, np.floating)):
-        return "nan" if math.isnan(value) else format(float(value), ".10g")
-    return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    from nnunet_mixsup.prepare import atomic_write_text
-
-    atomic_write_text(path, text, newline="")
-
-
-def _csv_text(rows: list[list[Any]]) -> str:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    for row in rows:
-        writer.writerow([_fmt(v) for v in row])
-    return buf.getvalue()
-
-
 def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``metrics_per_case.csv``, ``summary.csv`` and ``summary.json`` into ``out_dir``.
 
@@ -579,10 +558,10 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "summary_csv": out / SUMMARY_CSV,
         "summary_json": out / SUMMARY_JSON,
     }
-    _atomic_write(paths["per_case_csv"], _csv_text(per_case_rows))
-    _atomic_write(paths["summary_csv"], _csv_text(summary_rows))
+    atomic_write_csv(paths["per_case_csv"], per_case_rows)
+    atomic_write_csv(paths["summary_csv"], summary_rows)
     text = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
-    _atomic_write(paths["summary_json"], text)
+    atomic_write_text(paths["summary_json"], text, newline="")
     return paths
 
 

@@ -1,19 +1,98 @@
-"""Writing files and folders so that an interruption never leaves a half-written one.
+"""Writing files and folders so that an interruption never leaves a half-written one, and rounding.
 
+- :func:`atomic_write_text`, :func:`atomic_write_json`, :func:`atomic_write_bytes`,
+  :func:`atomic_write_csv`: a file is written to a temporary name in its own folder and renamed
+  over the target (``os.replace``), so a reader sees the old or the new content, never a part.
 - :func:`staged_folder`: a whole new folder (a raw dataset) is written into a hidden temporary
   sibling and renamed into place at the end; a run killed on the way is cleaned up by the next one.
 - :func:`pid_alive`: whether the process that owns a staging folder or a lock still runs.
+- :func:`round_half_up`: the rounding every fraction-to-case-count conversion uses (Python's
+  ``round`` rounds halves to even, which would make ``0.5 * 5`` cases 2 in one place and 3 in another).
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 import os
 import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _write_replacing(path: Path, data: str | bytes, newline: str | None = None) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``; no temporary file is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if isinstance(data, bytes):
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        else:
+            with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+                f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    _write_replacing(Path(path), data)
+
+
+def atomic_write_text(path: Path, text: str, newline: str | None = None) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; ``newline`` as for :func:`open` (``""``: no translation)."""
+    _write_replacing(Path(path), text, newline)
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as this package writes every JSON file: indented by 2, in the given key order, newline at the end."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON (:func:`json_text`) to ``path`` atomically."""
+    atomic_write_text(path, json_text(obj))
+
+
+def _csv_cell(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "nan" if math.isnan(value) else format(float(value), ".10g")
+    return str(value)
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text of ``rows`` (the header is just the first row): floats with 10 significant digits, NaN as ``nan``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for row in rows:
+        writer.writerow([_csv_cell(v) for v in row])
+    return buf.getvalue()
+
+
+def atomic_write_csv(path: Path, rows: Iterable[Sequence[Any]]) -> None:
+    """Write ``rows`` as CSV (:func:`csv_text`) to ``path`` atomically."""
+    atomic_write_text(path, csv_text(rows), newline="")
+
+
+def round_half_up(x: float) -> int:
+    """``x`` rounded to the nearest integer, halves up.
+
+    A tolerance of 1e-9 absorbs float error in products such as ``45 * 0.7`` (31.499999999999996),
+    which is meant as 31.5 and gives 32.
+    """
+    return math.floor(x + 0.5 + 1e-9)
 
 
 def pid_alive(pid: int) -> bool:

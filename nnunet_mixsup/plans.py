@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_mixsup.prepare import atomic_write_json, preprocessed_dataset_folder
+from nnunet_mixsup.fileio import atomic_write_json
+from nnunet_mixsup.prepare import preprocessed_dataset_folder
 
 
 def shrink_configuration(cfg: dict, max_features: int, patch_size: Sequence[int] | None = None,

@@ -42,7 +42,13 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunet_mixsup.fileio import pid_alive
+from nnunet_mixsup.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,  # noqa: F401 - re-exported for callers that import it from prepare
+    json_text,
+    pid_alive,
+)
 from nnunet_mixsup.geometry import MAPPED_READERS, nibabel_file_axis_map
 from nnunet_mixsup.manifest import (
     MANIFEST_NAME,
@@ -82,24 +88,6 @@ def preprocessed_dataset_folder(dataset: str | int) -> Path:
     if not nnUNet_preprocessed.is_set():
         raise RuntimeError("environment variable nnUNet_preprocessed is not set")
     return Path(nnUNet_preprocessed.get()) / maybe_convert_to_dataset_name(dataset)
-
-
-def atomic_write_text(path: Path, text: str, newline: str | None = None) -> None:
-    """Write a text file via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: dict | list) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def sha256_file(path: Path) -> str:
@@ -325,7 +313,7 @@ class _Commit:
         if data is None:
             path.unlink(missing_ok=True)
         else:
-            _atomic_write_bytes(path, data)
+            atomic_write_bytes(path, data)
 
     def replace(self, src: Path, dst: Path) -> None:
         if dst.is_file():
@@ -362,32 +350,16 @@ class _Commit:
             raise RuntimeError(f"prepare was interrupted and could not undo everything: {errors}")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _restore_file(path: Path, old: bytes | None) -> None:
     if old is None:
         path.unlink(missing_ok=True)
     else:
-        _atomic_write_bytes(path, old)
+        atomic_write_bytes(path, old)
 
 
 def _rmdir_if_empty(path: Path) -> None:
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
-
-
-def _json_bytes(obj: dict) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
 def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True) -> PrepareResult:
@@ -446,12 +418,12 @@ def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True
                 # the record goes first and lists old and new hashes: a killed commit is finished next time
                 in_flight = {**final, "files": dict(sorted(generated.items())),
                              "pending": {n: d for n, (_, d) in sorted(staged.items())}}
-                commit.write_bytes_atomic(folder / GENERATED_RECORD, _json_bytes(in_flight))
+                commit.write_bytes_atomic(folder / GENERATED_RECORD, json_text(in_flight).encode("utf-8"))
                 commit.mkdir(folder / "labelsTr")
                 for name, (tmp, _) in staged.items():
                     commit.replace(tmp, folder / "labelsTr" / name)
                     written.append(name)
-            rec_bytes = _json_bytes(final)
+            rec_bytes = json_text(final).encode("utf-8")
             rec_path = folder / GENERATED_RECORD
             if not rec_path.is_file() or rec_path.read_bytes() != rec_bytes:
                 commit.write_bytes_atomic(rec_path, rec_bytes)
@@ -461,7 +433,7 @@ def prepare_dataset(dataset: str | int | os.PathLike, show_progress: bool = True
                     commit.copy_new(folder / "dataset.json", backup)
                 dj = dict(ds.dataset_json)
                 dj["labels"] = {**{k: v for k, v in dj["labels"].items() if k != "ignore"}, "ignore": ignore}
-                commit.write_bytes_atomic(folder / "dataset.json", _json_bytes(dj))
+                commit.write_bytes_atomic(folder / "dataset.json", json_text(dj).encode("utf-8"))
         except BaseException:
             written.clear()
             commit.rollback()

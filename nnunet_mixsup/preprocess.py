@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nnunet_mixsup.fileio import atomic_write_json
 from nnunet_mixsup.manifest import MANIFEST_NAME
 from nnunet_mixsup.prepare import (
-    atomic_write_json,
     prepare_dataset,
     preprocessed_dataset_folder,
     raw_dataset_folder,

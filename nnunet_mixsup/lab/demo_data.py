@@ -53,8 +53,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_mixsup.fileio import staged_folder
-from nnunet_mixsup.lab.simulate import write_json
+from nnunet_mixsup.fileio import atomic_write_json, staged_folder
 from nnunet_mixsup.raw_datasets import check_dataset_name, check_target_id, raw_root, validate_dataset_id
 
 LABELS = {"background": 0, "white_matter": 1, "grey_matter": 2, "lateral_ventricles": 3}
@@ -215,7 +214,7 @@ def make_demo_dataset(dataset_id: int = 990, n_train: int = 20, n_test: int = 10
             img, seg = make_case(rng, spacing_mm)
             sitk.WriteImage(img, str(tmp / f"images{split}" / f"{cid}_0000.nii.gz"), True)
             sitk.WriteImage(seg, str(tmp / f"labels{split}" / f"{cid}.nii.gz"), True)
-        write_json(tmp / "dataset.json", {
+        atomic_write_json(tmp / "dataset.json", {
             "channel_names": {"0": "T1"},
             "labels": dict(LABELS),
             "numTraining": n_train,

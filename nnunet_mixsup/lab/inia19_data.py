@@ -55,9 +55,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_mixsup.fileio import staged_folder
+from nnunet_mixsup.fileio import atomic_write_json, staged_folder
 from nnunet_mixsup.lab.demo_data import _rotation, _smooth_field
-from nnunet_mixsup.lab.simulate import write_json
 from nnunet_mixsup.raw_datasets import check_dataset_name, check_target_id, raw_root, validate_dataset_id
 
 DEBIAN_FOLDER = Path("/usr/share/mricron/templates")
@@ -281,7 +280,7 @@ def make_inia19_dataset(dataset_id: int = DEFAULT_ID, n_train: int = 20, n_test:
             sitk.WriteImage(seg, str(tmp / f"labels{split}" / f"{cid}.nii.gz"), True)
             record[cid] = info
         lab = labels()
-        write_json(tmp / "dataset.json", {
+        atomic_write_json(tmp / "dataset.json", {
             "channel_names": {"0": "T1"},
             "labels": lab,
             "numTraining": n_train,
@@ -294,7 +293,7 @@ def make_inia19_dataset(dataset_id: int = DEFAULT_ID, n_train: int = 20, n_test:
                          "files from Debian's mricron-data",
             "licence": "see the INIA19 / NeuroMaps terms; demonstration and benchmarking only",
         })
-        write_json(tmp / "generation.json", {
+        atomic_write_json(tmp / "generation.json", {
             "version": 1, "seed": int(seed), "spacing_mm": float(spacing_mm), "fov_mm": list(FOV_MM),
             "slab_fraction": list(SLAB_FRACTION),
             "structures": {n: {"label": lab[n], "neuromaps": [v, 1000 + v]} for n, v in STRUCTURES},

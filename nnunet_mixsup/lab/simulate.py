@@ -63,7 +63,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_mixsup.fileio import staged_folder
+from nnunet_mixsup.fileio import atomic_write_json, round_half_up, staged_folder
 from nnunet_mixsup.raw_datasets import (
     check_dataset_name,
     check_target_id,
@@ -87,10 +87,6 @@ _HIDDEN_README = (
 # ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -101,10 +97,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # counts and assignment
 # ----------------------------------------------------------------------------------------------------------
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5 + 1e-9)
-
-
 def _check_amount(name: str, v: Any, n: int) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a fraction (float) or a number of cases (int), got {v!r}")
@@ -130,11 +122,11 @@ def resolve_counts(n_cases: int, masks: Amount, boxes: Amount = 0.0, tags: Amoun
         counts, cum, prev = {}, 0.0, 0
         for k, v in given.items():
             cum = min(1.0, cum + float(v))
-            b = _round_half_up(n_cases * cum)
+            b = round_half_up(n_cases * cum)
             counts[k] = b - prev
             prev = b
     else:
-        counts = {k: (_round_half_up(n_cases * float(v)) if isinstance(v, (float, np.floating)) else int(v))
+        counts = {k: (round_half_up(n_cases * float(v)) if isinstance(v, (float, np.floating)) else int(v))
                   for k, v in given.items()}
     used = sum(counts.values())
     if used > n_cases:
@@ -172,7 +164,7 @@ def assign_cases(case_ids: Sequence[str], counts: dict[str, int], seed: int) -> 
 # ----------------------------------------------------------------------------------------------------------
 def mm_to_voxels(mm: float, spacing: float) -> int:
     """Whole voxels for a length in mm (rounded half up, sign kept)."""
-    v = _round_half_up(abs(mm) / spacing)
+    v = round_half_up(abs(mm) / spacing)
     return v if mm >= 0 else -v
 
 
@@ -358,7 +350,7 @@ def simulate_dataset(source_id: int | str, target_id: int, masks: Amount, boxes:
                     shutil.copy2(f, tmp / "labelsTs" / f.name)
         shutil.copy2(src / "dataset.json", tmp / "dataset.json")
         manifest = {"version": 1, "cases": {c: cases[c] for c in sorted(cases)}}
-        write_json(tmp / MANIFEST_NAME, manifest)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
         record = {
             "version": 1,
             "tool": "nnunet-mixsup simulate",
@@ -375,7 +367,7 @@ def simulate_dataset(source_id: int | str, target_id: int, masks: Amount, boxes:
             "hidden_labels": f"{HIDDEN_LABELS_DIR}/ holds the dense labels of the non-mask training cases, for "
                              "evaluation and analysis only; training never reads it",
         }
-        write_json(tmp / SIMULATION_RECORD, record)
+        atomic_write_json(tmp / SIMULATION_RECORD, record)
         # self-check: the result must be a valid mixed-supervision dataset
         problems: list[str] = []
         man = parse_manifest(manifest, problems)
