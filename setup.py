@@ -15,8 +15,8 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["nnunet_mixsup", "nnunet_mixsup.trainers", "nnunet_mixsup.lab", "nnunet_mixsup.lab.ext_trainers",
-              "nnunet_mixsup.ext_trainers", "dataset_conversion"],
+    packages=["nnunet_mixsup", "nnunet_mixsup.trainers", "nnunet_mixsup.lab", "nnunet_mixsup.lab.benchmark",
+              "nnunet_mixsup.lab.ext_trainers", "nnunet_mixsup.ext_trainers", "dataset_conversion"],
     package_dir={"nnunet_mixsup.ext_trainers": "trainers"},
     install_requires=[
         "nnunetv2>=2.8.1,<2.9",

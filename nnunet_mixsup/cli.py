@@ -20,7 +20,7 @@ from pathlib import Path
 #: cannot (a missing dependency, a syntax error) makes the whole command line fail with a message
 #: naming it, so a broken import never silently removes a sub-command.
 SUBCOMMAND_MODULES = ("nnunet_mixsup.lab.simulate", "nnunet_mixsup.lab.demo_data", "nnunet_mixsup.evaluation",
-                      "nnunet_mixsup.lab.demo", "nnunet_mixsup.lab.bench_speed", "nnunet_mixsup.benchmark",
+                      "nnunet_mixsup.lab.demo", "nnunet_mixsup.lab.bench_speed", "nnunet_mixsup.lab.benchmark",
                       "nnunet_mixsup.lab.audit", "nnunet_mixsup.importers", "nnunet_mixsup.show",
                       "dataset_conversion.cli")
 

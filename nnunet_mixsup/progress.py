@@ -18,6 +18,16 @@ from tqdm import tqdm
 EPOCH_LINE = re.compile(r": Epoch (\d+)\s*$")
 
 
+def console_script(name: str) -> str:
+    """The console script ``name`` (an nnU-Net command) installed beside this Python, else ``name`` for PATH.
+
+    Running the one beside ``sys.executable`` uses the nnU-Net of this environment even when the
+    environment is not activated.
+    """
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
 def run_logged(cmd: Sequence[str], env: Mapping[str, str], log: Path, desc: str | None = None,
                total_epochs: int | None = None) -> int:
     """Run ``cmd``; append its stdout and stderr to ``log``; return its exit code.

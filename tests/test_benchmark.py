@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_mixsup.benchmark import (
+from nnunet_mixsup.cli import build_parser, main, trainers_path
+from nnunet_mixsup.lab.benchmark import (
     DEFAULT_COSTS,
     LOWER,
     SUMMARY_COLUMNS,
@@ -20,7 +21,6 @@ from nnunet_mixsup.benchmark import (
     BenchmarkError,
     DenseDataset,
     SimDataset,
-    _run_list,
     annotation_cost,
     check_dense_dataset,
     check_trainers,
@@ -34,7 +34,7 @@ from nnunet_mixsup.benchmark import (
     summarise,
     summary_markdown,
 )
-from nnunet_mixsup.cli import build_parser, main, trainers_path
+from nnunet_mixsup.lab.benchmark.runner import _run_list
 from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 
 
@@ -195,8 +195,8 @@ def _eval_summary(version):
 
 
 def test_result_rows_carry_counts_and_refuse_old_metric_definitions():
-    from nnunet_mixsup.benchmark import RESULT_COLUMNS, Run, result_rows
     from nnunet_mixsup.evaluation import METRICS_VERSION
+    from nnunet_mixsup.lab.benchmark import RESULT_COLUMNS, Run, result_rows
 
     dense = DenseDataset(Path("/nowhere"), 961, "Dataset961_Dense", [f"c{i}" for i in range(6)], ["t0", "t1", "t2"],
                          [1, 2], {1: "blob", 2: "dot"}, None, ".nii.gz")
@@ -217,8 +217,9 @@ def test_a_real_evaluation_through_the_benchmark_tables(tmp_path):
     import numpy as np
     import SimpleITK as sitk
 
-    from nnunet_mixsup.benchmark import RESULT_COLUMNS, Run, _summary_input, result_rows, write_csv
     from nnunet_mixsup.evaluation import evaluate_folders, write_results
+    from nnunet_mixsup.lab.benchmark import RESULT_COLUMNS, Run, result_rows, write_csv
+    from nnunet_mixsup.lab.benchmark.report import _summary_input
 
     ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
     ref_dir.mkdir()

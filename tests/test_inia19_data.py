@@ -147,7 +147,8 @@ def test_missing_template_gives_clear_message(fresh_dirs, monkeypatch, tmp_path)
 
 def test_benchmark_preset_builds_the_inia19_dataset(tmp_path, monkeypatch):
     """``--preset inia19-cpu`` without ``-d`` builds dataset 992 with ``demo-data --dataset inia19``."""
-    from nnunet_mixsup import benchmark
+    from nnunet_mixsup.lab import benchmark
+    from nnunet_mixsup.lab.benchmark.runner import _dense_folder
 
     p = benchmark.PRESETS["inia19-cpu"]
     assert p.demo_data == (inia19_data.DEFAULT_ID, ("--dataset", "inia19"))
@@ -172,7 +173,7 @@ def test_benchmark_preset_builds_the_inia19_dataset(tmp_path, monkeypatch):
             commands.append([str(c) for c in cmd])
             (raw / f"Dataset{inia19_data.DEFAULT_ID}_MixSupINIA19").mkdir()
 
-    found = benchmark._dense_folder(cfg, FakeSession(), raw, None)
+    found = _dense_folder(cfg, FakeSession(), raw, None)
     assert found == raw / f"Dataset{inia19_data.DEFAULT_ID}_MixSupINIA19"
     assert commands[0][-11:] == ["demo-data", "--dataset", "inia19", "-d", str(inia19_data.DEFAULT_ID), "--train",
                                  "20", "--test", "10", "--seed", "0"]

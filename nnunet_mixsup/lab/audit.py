@@ -99,7 +99,7 @@ def audit_case(probs: np.ndarray, allowed: np.ndarray, ref: np.ndarray, labels: 
 def _predict(images: Path, cases: Sequence[str], out: Path, dataset: str, trainer: str, fold: str, cfg: dict,
              ckpt: Path, device: str, env: dict[str, str]) -> None:
     """Stock ``nnUNetv2_predict`` with probabilities for ``cases``, unless ``out`` holds it for ``ckpt`` already."""
-    from nnunet_mixsup.benchmark import _bin
+    from nnunet_mixsup.progress import console_script
 
     done = out / "audit_done.json"
     stamp = {"checkpoint": str(ckpt), "mtime": ckpt.stat().st_mtime, "cases": sorted(cases), "tta": False}
@@ -113,7 +113,7 @@ def _predict(images: Path, cases: Sequence[str], out: Path, dataset: str, traine
     for c in cases:
         for f in sorted(images.glob(f"{c}_[0-9][0-9][0-9][0-9].*")):
             (inp / f.name).symlink_to(f.resolve())
-    cmd = [_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(tmp), "-d", dataset, "-c", cfg["configuration"],
+    cmd = [console_script("nnUNetv2_predict"), "-i", str(inp), "-o", str(tmp), "-d", dataset, "-c", cfg["configuration"],
            "-tr", trainer, "-p", cfg["plans_name"], "-f", fold, "-chk", "checkpoint_final.pth", "--save_probabilities",
            "--disable_tta", "-npp", "0", "-nps", "0", "-device", device, "--disable_progress_bar"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
@@ -226,13 +226,13 @@ def summary_markdown(rows: Sequence[dict]) -> str:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from nnunet_mixsup.benchmark import write_csv
+    from nnunet_mixsup.lab.benchmark import write_csv
 
     rows = audit_workdir(args.workdir, args.trainers, args.ids, args.device)  # errors: cli.main reports them
     res = args.workdir / "benchmark_results"
     write_csv(res / "weak_label_audit.csv", list(rows[0]), rows)
     text = "# Weak-label audit\n\nDice on the weak training cases against their dense truth (see " \
-           "`nnunet_mixsup/audit.py`).\n\n" + summary_markdown(rows)
+           "`nnunet_mixsup/lab/audit.py`).\n\n" + summary_markdown(rows)
     (res / "weak_label_audit.md").write_text(text)
     print(text)
     return 0
