@@ -20,9 +20,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: integration tier - builds an nnU-Net dataset or runs nnU-Net end to end")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if DATASET_FIXTURES & set(getattr(item, "fixturenames", ())):
+        used = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)  # fixtures fetched with request.getfixturevalue(param)
+        if callspec is not None:
+            used |= {v for v in callspec.params.values() if isinstance(v, str)}
+        if DATASET_FIXTURES & used:
             item.add_marker(pytest.mark.slow)
 
 
