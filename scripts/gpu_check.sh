@@ -8,8 +8,8 @@
 # Stages 1-2 run with nnUNet_compile=f: compiling every trainer's network would take longer than the
 # measurement, and the step-time ratios compare uncompiled networks on both sides.
 # Usage: bash scripts/gpu_check.sh OUT_DIR   (nnunetv2 and this package importable - on the lent machine
-# `source scripts/gpu_kit_env.sh` first; exits 1 if a stage failed). Timings of session 15 on an H200:
-# docs/BENCHMARKS.md, section "GPU".
+# `source scripts/gpu_kit_env.sh` first; exits 1 if a stage failed). Earlier timings on an H200:
+# docs/history/BENCHMARKS.md, section "GPU".
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"

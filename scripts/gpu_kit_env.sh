@@ -1,7 +1,7 @@
 # Source on the lent GPU machine (the device tool), from the repo root, with ../shared/gpu-kit copied to
 # .gpu-kit and carried:   source scripts/gpu_kit_env.sh && bash scripts/gpu_check.sh "$OUT"
 # Makes nnunetv2 (from the kit) and this checkout importable without installing the checkout (an
-# editable install with that machine's venv pip failed in session 15), and puts the console scripts
+# editable install with that machine's venv pip failed there), and puts the console scripts
 # next to the interpreter, where tests/test_end_to_end.py looks for them.
 source .gpu-kit/install.sh || return 1
 MIXSUP_BIN=$(dirname "$(python -c 'import sys; print(sys.executable)')")
