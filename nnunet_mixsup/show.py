@@ -311,7 +311,7 @@ def save_case_figure(view: CaseView, rows: list[list[Panel]], foreground: Sequen
         else ""
     fig.suptitle(f"{view.case_id} – {_describe(view.sup, names)} – {view.space}{extra}", fontsize=10)
     _legend(fig, foreground, names, ncol=2 if ncols == 1 else 4)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the legend can be wider than the panels
 
 
 def save_contact_sheet(views: list[tuple[CaseView, Panel]], foreground: Sequence[int], names: dict[int, str],
