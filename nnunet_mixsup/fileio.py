@@ -5,6 +5,7 @@
   over the target (``os.replace``), so a reader sees the old or the new content, never a part.
 - :func:`staged_folder`: a whole new folder (a raw dataset) is written into a hidden temporary
   sibling and renamed into place at the end; a run killed on the way is cleaned up by the next one.
+- :func:`link_or_copy`: a file in a second place without a second copy where the file system allows.
 - :func:`pid_alive`: whether the process that owns a staging folder or a lock still runs.
 - :func:`round_half_up`: the rounding every fraction-to-case-count conversion uses (Python's
   ``round`` rounds halves to even, which would make ``0.5 * 5`` cases 2 in one place and 3 in another).
@@ -93,6 +94,14 @@ def round_half_up(x: float) -> int:
     which is meant as 31.5 and gives 32.
     """
     return math.floor(x + 0.5 + 1e-9)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (no second copy on disk); copy it (with metadata) where linking fails."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def pid_alive(pid: int) -> bool:

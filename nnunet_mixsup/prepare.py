@@ -47,6 +47,7 @@ from nnunet_mixsup.fileio import (
     atomic_write_json,
     atomic_write_text,  # noqa: F401 - re-exported for callers that import it from prepare
     json_text,
+    link_or_copy,
     pid_alive,
 )
 from nnunet_mixsup.geometry import MAPPED_READERS, nibabel_file_axis_map
@@ -318,10 +319,7 @@ class _Commit:
     def replace(self, src: Path, dst: Path) -> None:
         if dst.is_file():
             bak = self.backup_dir / f"{dst.name}.bak"
-            try:
-                os.link(dst, bak)
-            except OSError:
-                shutil.copy2(dst, bak)
+            link_or_copy(dst, bak)
             self.undo.append(lambda: os.replace(bak, dst))
         else:
             self.undo.append(lambda: dst.unlink(missing_ok=True))

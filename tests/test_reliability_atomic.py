@@ -191,6 +191,7 @@ def test_prepare_killed_then_rerun_completes(ds, tmp_path, where, n, second_run)
 # ---------------------------------------------------------------------------------- simulate
 SIM_KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
+    from nnunet_mixsup import fileio
     from nnunet_mixsup.lab import simulate as sim
 
     where, n = sys.argv[1], int(sys.argv[2])
@@ -206,8 +207,8 @@ SIM_KILL_SCRIPT = textwrap.dedent("""
 
     if where == "case":
         sim._case_entry = killer(sim._case_entry)
-    else:  # the renames of staged_folder: target -> .old, then tmp -> target
-        sim.os.rename = killer(os.rename)
+    else:  # the renames of fileio.staged_folder: target -> .old, then tmp -> target
+        fileio.os.rename = killer(os.rename)
     sim.simulate_dataset(500, 501, masks=0.3, boxes=0.4, tags=0.2, seed=int(sys.argv[3]), box_jitter_mm=1.0,
                          overwrite=True, show_progress=False)
     print("finished without being killed")

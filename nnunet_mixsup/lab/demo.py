@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnunet_mixsup.progress import run_logged
+from nnunet_mixsup.progress import console_script, run_logged
 
 SOURCE_ID, TARGET_ID = 990, 991
 PLANS = "nnUNetPlans_demo"
@@ -32,11 +32,6 @@ RUNS = {  # name -> (dataset id, trainer, fold, description); the budget comes f
     "mixsup": (TARGET_ID, "MixSupTrainer", 0, "MixSupTrainer, masks + weak labels"),
     "upper": (SOURCE_ID, "nnUNetTrainer_MixSupBudget", 0, "nnUNetTrainer, all cases fully masked"),
 }
-
-
-def _bin(name: str) -> str:
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
 
 
 def _run(cmd: list[str], env: dict, log: Path, progress: str | None = None, epochs: int | None = None) -> None:
@@ -110,11 +105,11 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
     done_marker = pp / src_name / f".mixsup_demo_{PLANS}_{config}.done"
     if not skip_upper and not done_marker.is_file():
         print("[demo] same plans for the fully supervised upper bound")
-        _run([_bin("nnUNetv2_extract_fingerprint"), "-d", str(SOURCE_ID), "-np", "2"], env, log)
+        _run([console_script("nnUNetv2_extract_fingerprint"), "-d", str(SOURCE_ID), "-np", "2"], env, log)
         shutil.copyfile(raw / src_name / "dataset.json", pp / src_name / "dataset.json")
-        _run([_bin("nnUNetv2_move_plans_between_datasets"), "-s", str(TARGET_ID), "-t", str(SOURCE_ID),
+        _run([console_script("nnUNetv2_move_plans_between_datasets"), "-s", str(TARGET_ID), "-t", str(SOURCE_ID),
               "-sp", PLANS, "-tp", PLANS], env, log)
-        _run([_bin("nnUNetv2_preprocess"), "-d", str(SOURCE_ID), "-plans_name", PLANS, "-c", config, "-np", "2"],
+        _run([console_script("nnUNetv2_preprocess"), "-d", str(SOURCE_ID), "-plans_name", PLANS, "-c", config, "-np", "2"],
              env, log)
         done_marker.write_text("preprocessed\n")
     if not skip_upper:
@@ -133,13 +128,13 @@ def run_demo(workdir: Path, config: str = "2d", seed: int = 0, masks: float = 0.
         out = workdir / "nnUNet_results" / dname / f"{trainer}__{PLANS}__{config}" / f"fold_{fold}"
         if not (out / "checkpoint_final.pth").is_file():
             print(f"[demo] training {name}: {desc}  ({time.time() - t0:.0f} s so far)")
-            _run([_bin("nnUNetv2_train"), str(did), config, str(fold), "-tr", trainer, "-p", PLANS,
+            _run([console_script("nnUNetv2_train"), str(did), config, str(fold), "-tr", trainer, "-p", PLANS,
                   "-device", "cpu" if not _has_cuda() else "cuda"], env, log, progress=f"training {name}",
                  epochs=int(env["nnUNet_mixsup_epochs"]))
         pred = results / f"pred_{name}"
         if not pred.is_dir() or not any(pred.glob("*.nii.gz")):
             print(f"[demo] predicting the test split with {name}")
-            _run([_bin("nnUNetv2_predict"), "-i", str(raw / tgt_name / "imagesTs"), "-o", str(pred), "-d", str(did),
+            _run([console_script("nnUNetv2_predict"), "-i", str(raw / tgt_name / "imagesTs"), "-o", str(pred), "-d", str(did),
                   "-c", config, "-tr", trainer, "-p", PLANS, "-f", str(fold), "-chk", "checkpoint_final.pth",
                   "-npp", "1", "-nps", "1", "-device", "cpu" if not _has_cuda() else "cuda"], env, log)
         from nnunet_mixsup.evaluation import evaluate_folders, write_results

@@ -46,6 +46,7 @@ import argparse
 import functools
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,37 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], grid: tuple[
                         grid_mode=True)[tuple(slice(0, s) for s in shape)]
 
 
+def _mr_appearance(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """A random scanner look for an intensity image (about 1 in white matter), as float32.
+
+    Gamma 0.6-1.6 (negative values clipped to 0 first), a smooth multiplicative bias field (about
+    +-25 %), a blur of up to 0.6 voxels, Rician noise (SD 3-8 % of the white-matter level) and a
+    global scale 300-1200: a threshold that works on one case does not work on the next.
+    """
+    shape = img.shape
+    img = np.clip(img, 0.0, None) ** rng.uniform(0.6, 1.6)
+    img *= np.exp(_smooth_field(rng, shape, (3, 3, 3), 0.12))
+    blur = rng.uniform(0.0, 0.6)
+    if blur > 0.1:
+        img = ndimage.gaussian_filter(img, blur)
+    sd = rng.uniform(0.03, 0.08)
+    img = np.sqrt((img + rng.normal(0.0, sd, shape)) ** 2 + rng.normal(0.0, sd, shape) ** 2)
+    return (img * rng.uniform(300.0, 1200.0)).astype(np.float32)
+
+
+def _to_images(arrays: Sequence[np.ndarray], spacing_mm: float, direction: Sequence[float],
+               origin: Sequence[float]) -> list[sitk.Image]:
+    """SimpleITK images of numpy-order ``arrays`` sharing one geometry (isotropic ``spacing_mm``)."""
+    out = []
+    for arr in arrays:
+        im = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+        im.SetSpacing((spacing_mm,) * 3)
+        im.SetDirection(direction)
+        im.SetOrigin(origin)
+        out.append(im)
+    return out
+
+
 def make_case(rng: np.random.Generator, spacing_mm: float = 4.0) -> tuple[sitk.Image, sitk.Image]:
     """One randomly deformed template case: (image, label) as SimpleITK images with the same geometry."""
     tp = _prepared_template(float(spacing_mm))
@@ -162,26 +194,12 @@ def make_case(rng: np.random.Generator, spacing_mm: float = 4.0) -> tuple[sitk.I
     maps[0][maps.sum(axis=0) < 1e-3] = 1.0  # outside the template: background
     seg = np.argmax(maps, axis=0).astype(np.uint8)
     img = ndimage.map_coordinates(tp["t1"], pts, order=1, mode="constant", cval=0.0) / tp["wm_level"]
-    # appearance: gamma, bias field, blur, Rician noise, global scale
-    img = np.clip(img, 0.0, None) ** rng.uniform(0.6, 1.6)
-    img *= np.exp(_smooth_field(rng, shape, (3, 3, 3), 0.12))
-    blur = rng.uniform(0.0, 0.6)
-    if blur > 0.1:
-        img = ndimage.gaussian_filter(img, blur)
-    sd = rng.uniform(0.03, 0.08)
-    img = np.sqrt((img + rng.normal(0.0, sd, shape)) ** 2 + rng.normal(0.0, sd, shape) ** 2)
-    img = (img * rng.uniform(300.0, 1200.0)).astype(np.float32)
+    img = _mr_appearance(rng, img)
     # geometry: axes aligned with the template's, origin at the first output voxel
     first = tp["offset"] + tp["centre"] + grid[:, 0, 0, 0]  # template voxel index, numpy order
     origin = tp["ref"].TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in first[::-1]))
-    out = []
-    for arr in (img, seg):
-        im = sitk.GetImageFromArray(arr)
-        im.SetSpacing((s, s, s))
-        im.SetDirection(tp["ref"].GetDirection())
-        im.SetOrigin(origin)
-        out.append(im)
-    return out[0], out[1]
+    image, label = _to_images((img, seg), s, tp["ref"].GetDirection(), origin)
+    return image, label
 
 
 def make_demo_dataset(dataset_id: int = 990, n_train: int = 20, n_test: int = 10, spacing_mm: float = 4.0,

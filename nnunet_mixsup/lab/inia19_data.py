@@ -56,7 +56,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnunet_mixsup.fileio import atomic_write_json, staged_folder
-from nnunet_mixsup.lab.demo_data import _rotation, _smooth_field
+from nnunet_mixsup.lab.demo_data import _mr_appearance, _rotation, _smooth_field, _to_images
 from nnunet_mixsup.raw_datasets import check_dataset_name, check_target_id, raw_root, validate_dataset_id
 
 DEBIAN_FOLDER = Path("/usr/share/mricron/templates")
@@ -210,14 +210,7 @@ def make_case(rng: np.random.Generator, spacing_mm: float = DEFAULT_SPACING,
     # appearance: contrast about the median brain intensity, gamma, bias field, blur, Rician noise, global scale
     med = float(np.median(img[brain])) if brain.any() else 0.5
     img = np.clip(med + rng.uniform(0.7, 1.4) * (img - med), 0.0, None) * (img > 0)
-    img = img ** rng.uniform(0.6, 1.6)
-    img *= np.exp(_smooth_field(rng, shape, (3, 3, 3), 0.12))
-    blur = rng.uniform(0.0, 0.6)
-    if blur > 0.1:
-        img = ndimage.gaussian_filter(img, blur)
-    sd = rng.uniform(0.03, 0.08)
-    img = np.sqrt((img + rng.normal(0.0, sd, shape)) ** 2 + rng.normal(0.0, sd, shape) ** 2)
-    img = (img * rng.uniform(300.0, 1200.0)).astype(np.float32)
+    img = _mr_appearance(rng, img)
     first = np.zeros(3)  # output voxel index (numpy order) of the first kept voxel
     slab = None
     if partial_fov:
@@ -234,15 +227,9 @@ def make_case(rng: np.random.Generator, spacing_mm: float = DEFAULT_SPACING,
     # geometry: axes aligned with the template's, origin at the first kept voxel
     first_tpl = tp["offset"] + tp["centre"] + (grid[:, 0, 0, 0] + first * s) / _SRC_SPACING
     origin = tp["ref"].TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in first_tpl[::-1]))
-    out = []
-    for arr in (img, seg):
-        im = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-        im.SetSpacing((s, s, s))
-        im.SetDirection(tp["ref"].GetDirection())
-        im.SetOrigin(origin)
-        out.append(im)
+    image, label = _to_images((img, seg), s, tp["ref"].GetDirection(), origin)
     present = sorted(int(v) for v in np.unique(seg) if v > 0)
-    return out[0], out[1], {"full_shape": list(shape), "slab": slab, "present": present}
+    return image, label, {"full_shape": list(shape), "slab": slab, "present": present}
 
 
 def make_inia19_dataset(dataset_id: int = DEFAULT_ID, n_train: int = 20, n_test: int = 10,

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -63,7 +62,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_mixsup.fileio import atomic_write_json, round_half_up, staged_folder
+from nnunet_mixsup.fileio import atomic_write_json, link_or_copy, round_half_up, staged_folder
 from nnunet_mixsup.raw_datasets import (
     check_dataset_name,
     check_target_id,
@@ -82,16 +81,6 @@ _HIDDEN_README = (
     "dataset. For evaluation and analysis ONLY: nothing in training reads this folder. Do not move these\n"
     "files into labelsTr – that would leak the labels that were simulated away.\n"
 )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------------------
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,7 +319,7 @@ def simulate_dataset(source_id: int | str, target_id: int, masks: Amount, boxes:
                         file=sys.stderr):
             t = assignment[cid]
             for f in ds.image_files(cid):
-                _link_or_copy(f, tmp / "imagesTr" / f.name)
+                link_or_copy(f, tmp / "imagesTr" / f.name)
             lab_file = ds.label_file(cid)
             shutil.copy2(lab_file, tmp / ("labelsTr" if t == "mask" else HIDDEN_LABELS_DIR) / lab_file.name)
             entry = _case_entry(cid, t, lab_file, valid_fg, ds.ignore_label, seed, index_of[cid],
@@ -341,7 +330,7 @@ def simulate_dataset(source_id: int | str, target_id: int, masks: Amount, boxes:
         if ts.is_dir():
             for f in sorted(ts.iterdir()):
                 if f.is_file() and f.name.endswith(fe):
-                    _link_or_copy(f, tmp / "imagesTs" / f.name)
+                    link_or_copy(f, tmp / "imagesTs" / f.name)
         lts = src / "labelsTs"
         if lts.is_dir():
             (tmp / "labelsTs").mkdir()

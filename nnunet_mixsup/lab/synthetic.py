@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
+
+from nnunet_mixsup.lab.simulate import boxes_from_label
 
 LABELS = {"background": 0, "blob": 1, "dot": 2}
 
@@ -63,20 +64,6 @@ def _case(rng: np.random.Generator, shape_np: tuple[int, ...], spacing_np: tuple
     t = img[tissue]
     t[t == 0] = 1e-3
     return img, seg
-
-
-def boxes_from_label(seg: np.ndarray, labels: Sequence[int]) -> list[dict]:
-    """One box per connected component and class, ITK (x, y, z) order, ``max`` exclusive."""
-    out = []
-    for c in labels:
-        comp, _ = ndimage.label(seg == c, structure=np.ones((3,) * seg.ndim))
-        for sl in ndimage.find_objects(comp):
-            if sl is None:
-                continue
-            mn = [s.start for s in sl][::-1]
-            mx = [s.stop for s in sl][::-1]
-            out.append({"label": int(c), "min": mn, "max": mx})
-    return out
 
 
 def _write(arr: np.ndarray, spacing_itk: Sequence[float], path: Path, origin: Sequence[float] | None = None) -> None:
