@@ -75,6 +75,7 @@ Presets (explicit flags override them):
 - ``cpu-mini``: the built-in demo dataset (``demo-data``, built when ``-d`` is not given), 2d, the
   demo's small plans (features 16..128, batch 12), 80 epochs x 25 iterations (5 validation
   batches), 10 % masks, seeds 0 1 2, ``MixSupTrainer``; 9 trainings, meant for a 2-core CPU.
+- ``demo``: ``cpu-mini`` with one seed (0): what ``nnunet-mixsup demo`` runs (3 trainings).
 - ``gpu``: nnU-Net's own plans (stock ``ExperimentPlanner``, stored as ``nnUNetPlans_mixsupbench``
   so a user's ``nnUNetPlans`` is never overwritten), 3d_fullres, 150 epochs x 250 iterations,
   masks 5 / 10 / 20 %, seeds 0 1 2, ``MixSupTrainer``.
