@@ -24,3 +24,14 @@ def test_demo_is_one_seed_of_a_benchmark_preset(dataset, preset, tmp_path):
     cpu_mini = _cfg(["--preset", "cpu-mini", "--seeds", "0", "--workdir", str(tmp_path / "w")])
     assert (cfg.epochs, cfg.iterations, cfg.small_plans) == (cpu_mini.epochs, cpu_mini.iterations, cpu_mini.small_plans)
     assert not _cfg(demo_arguments(tmp_path / "w", dataset, ["--no-upper"])).upper
+
+
+def test_results_page_carries_command_machine_and_summary(tmp_path, monkeypatch):
+    from nnunet_mixsup.lab.benchmark.report import results_page
+
+    monkeypatch.setattr("sys.argv", ["nnunet-mixsup", "benchmark", "--preset", "demo", "--workdir", "w x"])
+    page = results_page("| run | Dice |\n|---|---|\n| lower | 0.8 |\n", _cfg(demo_arguments(tmp_path)))
+    assert page.startswith("## `demo` preset, ")
+    assert "Command: `nnunet-mixsup benchmark --preset demo --workdir 'w x'`" in page
+    assert "Machine: " in page and "cores" in page and "torch" in page
+    assert page.endswith("| lower | 0.8 |\n")

@@ -8,6 +8,7 @@ Dice gain over ``lower`` and the share of the lower-upper gap closed; :func:`sum
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -310,5 +311,47 @@ def write_report(out: Path, rows: list[dict], cfg: BenchmarkConfig, dense: Dense
              f"{cfg.costs['none']:g}. `lower`: {BASELINE_TRAINER} on the mask cases only; `upper`: "
              f"{BASELINE_TRAINER} on all cases fully masked.")
     atomic_write_text(out / "summary.md", summary_markdown(summary_rows, headings, notes))
+    atomic_write_text(out / "results_page.md", results_page(summary_markdown(summary_rows, headings, notes), cfg))
     plot_summary(summary_rows, out, cfg.costs)
     print(summary_markdown(summary_rows, headings), flush=True)
+
+
+def machine_description() -> str:
+    """CPU model and cores, memory, GPU (if any), Python, torch and nnunetv2 versions: where a result was measured."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        mem = ""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    try:
+        from importlib.metadata import version
+        nnunet = version("nnunetv2")
+    except Exception:  # noqa: BLE001 - a missing distribution only drops a version from the description
+        nnunet = "?"
+    return (f"{cpu}, {os.cpu_count()} cores{mem}, {gpu}; Python {platform.python_version()}, torch "
+            f"{torch.__version__}, nnunetv2 {nnunet}")
+
+
+def results_page(summary_md: str, cfg: BenchmarkConfig) -> str:
+    """A results section for ``docs/results.md``: the command that ran, the machine, the date, the summary.
+
+    Written beside ``summary.md`` as ``results_page.md``; paste it into the docs unchanged, so every
+    published number carries its command and machine.
+    """
+    import shlex
+    import sys
+    from datetime import date
+
+    command = " ".join(["nnunet-mixsup", *map(shlex.quote, sys.argv[1:])]) if sys.argv[1:] else "(called from Python)"
+    return (f"## `{cfg.preset}` preset, {date.today().isoformat()}\n\n"
+            f"Command: `{command}`  \nMachine: {machine_description()}\n\n{summary_md}")
