@@ -75,6 +75,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
+from nnunet_mixsup.fileio import atomic_write_json
 from nnunet_mixsup.manifest import (
     MANIFEST_NAME,
     Box,
@@ -91,7 +92,7 @@ from nnunet_mixsup.manifest import (
     read_raw_dataset,
     validate_against_dataset,
 )
-from nnunet_mixsup.prepare import atomic_write_json, load_generated_record, raw_dataset_folder
+from nnunet_mixsup.prepare import load_generated_record, raw_dataset_folder
 
 #: overlaps of a region with a voxel below this many voxels (coordinate rounding) do not count
 INDEX_TOLERANCE = 1e-3

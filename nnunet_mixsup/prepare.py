@@ -45,7 +45,6 @@ from tqdm import tqdm
 from nnunet_mixsup.fileio import (
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,  # noqa: F401 - re-exported for callers that import it from prepare
     json_text,
     link_or_copy,
     pid_alive,

@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
 from nnunet_mixsup.manifest import read_raw_dataset
-
-try:  # the synthetic test data generator lives in nnunet_mixsup.lab (formerly nnunet_mixsup.synthetic)
-    from nnunet_mixsup.lab.synthetic import make_synthetic_dataset
-except ImportError:
-    from nnunet_mixsup.synthetic import make_synthetic_dataset
 from nnunet_mixsup.show import (
     PreprocessedSource,
     case_panels,
