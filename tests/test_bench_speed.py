@@ -28,7 +28,8 @@ def test_bench_speed_rows_and_self_training_phase(planned_2d, monkeypatch):
                        device="cpu")
     assert [r["trainer"] for r in rows] == ["nnUNetTrainer", "MixSupTrainer"]
     assert rows[0]["step_ratio"] == 1.0 and rows[0]["loader_ratio"] == 1.0
-    assert all(math.isfinite(r[k]) and r[k] > 0 for r in rows for k in ("step_s", "step_ratio", "loader_batches_per_s"))
+    assert all(math.isfinite(r[k]) and r[k] > 0 for r in rows
+               for k in ("step_s", "step_ratio", "cpu_s", "cpu_ratio", "loader_batches_per_s"))
     # measured after its warm-up: the teacher labels the weak samples of mixed batches at every step
     assert calls == ["teacher"] * 3
     assert any((b != TYPE_CODES["mask"]).any() for b in batches)
