@@ -26,6 +26,8 @@ def test_per_class_start_at_earliest_and_classes_ready_one_by_one():
     assert s.ready_classes(hist, 7, 10, 2) == [True, True]  # epoch 6 logged 0.7 for class 2
     assert s.ready_classes(hist, 9, 10, 2) == [True, True]  # and stays ready after a dip
     assert s.ramp(hist, 4, 10) == pytest.approx(0.5)
+    nan = [[0.9, float("nan")]] * 10  # class 2 never in the validation patches: never trusted to the teacher
+    assert s.ready_classes(nan, 9, 10, 2) == [True, False]
     msg = s.report([[0.9, 0.2]] * 10, 9, 10, ["a", "b"])
     assert "from epoch 4" in msg and "never labelled b" in msg
 

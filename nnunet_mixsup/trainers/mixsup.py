@@ -818,8 +818,9 @@ class SelfTrainingSchedule:
         """Per class: whether the teacher's pseudo labels may speak for it at ``current_epoch``.
 
         Without ``per_class``: every class once self-training has started. With it: class c from the
-        first epoch ``e >= start`` whose previous epoch logged a validation Dice >= ``min_dice`` for c
-        (NaN counts as ready), and from then on.
+        first epoch ``e >= start`` whose previous epoch logged a validation Dice >= ``min_dice`` for c,
+        and from then on. NaN (c absent from the validation patches) does not count here: a class
+        the mask cases never show - so the teacher never learned it - is left to its weak labels.
         """
         start = self.start_epoch(dice_history, current_epoch, num_epochs)
         if start is None:
@@ -830,7 +831,7 @@ class SelfTrainingSchedule:
         for epoch in range(start, current_epoch + 1):
             if epoch - 1 < len(dice_history):
                 for c, d in enumerate(dice_history[epoch - 1][:n_classes]):
-                    ready[c] = ready[c] or bool(np.isnan(d) or d >= self.min_dice)
+                    ready[c] = ready[c] or bool(d >= self.min_dice)  # NaN >= x is False
         return ready
 
     def ramp(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int) -> float:
