@@ -15,6 +15,10 @@ def test_all_class_start_waits_for_every_class():
     assert s.start_epoch(hist, 8, 10) is None
     assert s.ready_classes(hist, 8, 10, 2) == [False, False]
     assert s.start_epoch(hist, 9, 10) == 9 and s.ready_classes(hist, 9, 10, 2) == [True, True]
+    # a class absent from every mask case (validation Dice always NaN) does not hold the start back,
+    # but the teacher never labels it
+    nan = [[0.9, float("nan")]] * 10
+    assert s.start_epoch(nan, 9, 10) == 4 and s.ready_classes(nan, 9, 10, 2) == [True, False]
 
 
 def test_per_class_start_at_earliest_and_classes_ready_one_by_one():

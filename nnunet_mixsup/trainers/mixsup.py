@@ -817,16 +817,18 @@ class SelfTrainingSchedule:
                       n_classes: int) -> list[bool]:
         """Per class: whether the teacher's pseudo labels may speak for it at ``current_epoch``.
 
-        Without ``per_class``: every class once self-training has started. With it: class c from the
-        first epoch ``e >= start`` whose previous epoch logged a validation Dice >= ``min_dice`` for c,
-        and from then on. NaN (c absent from the validation patches) does not count here: a class
-        the mask cases never show - so the teacher never learned it - is left to its weak labels.
+        Without ``per_class``: once self-training has started, every class that nnU-Net's validation
+        has scored at least once (a class absent from every mask case only ever logs NaN: the teacher
+        never learned it, so it must not label it - in particular not as absent inside its boxes).
+        With ``per_class``: class c from the first epoch ``e >= start`` whose previous epoch logged a
+        validation Dice >= ``min_dice`` for c, and from then on (NaN never counts).
         """
         start = self.start_epoch(dice_history, current_epoch, num_epochs)
         if start is None:
             return [False] * n_classes
         if not self.per_class:
-            return [True] * n_classes
+            scored = [list(h[:n_classes]) for h in dice_history[:current_epoch]]
+            return [any(not np.isnan(h[c]) for h in scored if c < len(h)) for c in range(n_classes)]
         ready = [False] * n_classes
         for epoch in range(start, current_epoch + 1):
             if epoch - 1 < len(dice_history):
@@ -892,7 +894,10 @@ class MixSupTrainer(MixSupTrainerBase):
     - ``entropy``: entropy of the prediction on unlabelled samples, ramped in over
       ``entropy_rampup_epochs`` from the start of the run.
 
-    After each optimizer step the teacher moves towards the student (``ema_decay``). Boxes act
+    A class that no mask case shows (nnU-Net's validation never scores it) is never labelled by the
+    teacher, which never learned it: where its boxes or tags leave it open, the voxels stay unknown
+    instead of becoming confident background. After each optimizer step the teacher moves towards
+    the student (``ema_decay``). Boxes act
     through what is certain: negatives outside them, in the loss and in the pseudo labels (no box
     tightness term). At the end of training the log and ``progress_mixsup.png`` say from which
     epoch the weak cases were used, or why they never were.
