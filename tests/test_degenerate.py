@@ -17,15 +17,14 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_mixsup.lab.synthetic import boxes_from_label, make_synthetic_dataset
 from nnunet_mixsup.manifest import TYPE_CODES, ManifestError
-from nnunet_mixsup.plans import shrink_configuration
 
 pytestmark = pytest.mark.slow
 
@@ -119,20 +118,9 @@ def make_scenario(dirs: dict, name: str, ids: list[str], splits: list[dict] | No
 
 
 def make_trainer(cls_name: str, info: dict, **attrs):
-    from helpers import trainer_class
-
-    plans = load_json(str(info["pp"] / f"{info['plans']}.json"))
-    plans["configurations"]["2d"] = shrink_configuration(plans["configurations"]["2d"], 32, base_features=4)
-    plans["continue_training"] = False  # nnU-Net 2.8.1's run_training puts this into the plans
-    dj = load_json(str(info["pp"] / "dataset.json"))
-    tr = trainer_class(cls_name)(plans, "2d", 0, dj, device=torch.device("cpu"))
-    tr.num_iterations_per_epoch = 2
-    tr.num_val_iterations_per_epoch = 1
-    tr.batch_size = 4
-    for k, v in attrs.items():
-        setattr(tr, k, v)
-    tr.initialize()
-    tr.current_epoch = 10 ** 6  # every ramped term at full weight
+    """The shared tiny-network trainer (2d, batch 4) with every ramped term at full weight."""
+    tr = helpers.make_trainer(cls_name, info, "2d", **{"batch_size": 4, **attrs})
+    tr.current_epoch = 10 ** 6
     return tr
 
 
