@@ -139,6 +139,9 @@ def test_regular_install_ships_the_trainer_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     assert "nnunet_mixsup/ext_trainers/mixsup_trainers.py" in names
+    for module in ("nnunet_mixsup/trainers/mixsup.py", "nnunet_mixsup/lab/benchmark/runner.py",
+                   "nnunet_mixsup/lab/ext_trainers/mixsup_experiments.py"):
+        assert module in names, module
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                     str(next(tmp_path.glob("*.whl")))], check=True, capture_output=True)
