@@ -369,12 +369,21 @@ class MixSupTrainerBase(nnUNetTrainer):
         """
         return not torch.equal(weights_fingerprint(unwrap(self.network)), self._network_fingerprint)
 
+    @torch.no_grad()
     def start_extra_modules(self) -> None:
-        """Align the extra modules with the network at the start of a new run (nothing here).
+        """Align the extra modules with the network at the start of a new run: an EMA ``teacher`` starts as the student.
 
         Called by :meth:`on_train_start` unless a checkpoint restored the extra modules (``--c``),
-        i.e. after ``-pretrained_weights`` were loaded into ``self.network``.
+        i.e. after ``-pretrained_weights`` were loaded into ``self.network`` (the teacher built in
+        ``initialize()`` copied the freshly initialised student).
         """
+        if "teacher" in self.extra_modules:
+            self.extra_modules["teacher"].load_state_dict(unwrap(self.network).state_dict())
+
+    def samples_of(self, batch: dict, kinds: Sequence[str], device: torch.device) -> torch.Tensor:
+        """(B,) bool: the samples whose supervision kind (``"mask"``, ``"box"``, ``"tags"``, ``"none"``) is in ``kinds``."""
+        codes = torch.tensor([TYPE_CODES[k] for k in kinds], device=device)
+        return torch.isin(batch["sup_type"].to(device), codes)
 
     # -------------------------------------------------------------------------------- supervision
     def load_supervision(self) -> dict[str, CaseSupervision]:
@@ -938,11 +947,6 @@ class MixSupTrainer(MixSupTrainerBase):
         self.entropy_loss = EntropyLoss()
         return {"teacher": ema_teacher(self.network)}
 
-    @torch.no_grad()
-    def start_extra_modules(self) -> None:
-        """The teacher starts as the student at the start of training (after any ``-pretrained_weights``)."""
-        self.extra_modules["teacher"].load_state_dict(unwrap(self.network).state_dict())
-
     # -------------------------------------------------------------------------------- schedule
     def self_training_start(self) -> int | None:
         """The epoch self-training started at (None: not yet), from the logged validation Dice."""
@@ -997,21 +1001,17 @@ class MixSupTrainer(MixSupTrainerBase):
         ramp = self.pseudo_ramp()
         if ramp == 0 or self.label_manager.ignore_label is None:
             # warm-up (epoch-level, so every DDP rank takes this branch together): stock nnU-Net
-            output = as_list(self.network(data))
-            if self.enable_deep_supervision:
-                return {"supervised": self.supervised_loss(self.loss, output, seg, batch)}
-            return {"supervised": self.supervised_loss(self.loss, output[0], seg[0], batch)}
+            return {"supervised": self.deep_supervised_loss(as_list(self.network(data)), seg, batch)}
         sup_type = batch["sup_type"].to(data.device)
         weak = sup_type != TYPE_CODES["mask"]
-        selected = torch.isin(sup_type, torch.tensor([TYPE_CODES[t] for t in self.pseudo_types], device=data.device))
+        selected = self.samples_of(batch, self.pseudo_types, data.device)
         unsure = ~torch.tensor(self.ready_classes(), device=data.device)
         pseudo = teacher_pseudo_labels(self.extra_modules["teacher"], data, seg[0], allowed[0], selected,
                                        self.label_manager.ignore_label, self.pseudo_threshold, self.teacher_noise_std,
                                        unsure=unsure)
         data, seg, allowed, pseudo = self.student_view(data, seg, allowed, pseudo, selected)
         output = as_list(self.network(data))
-        terms = {"supervised": self.supervised_loss(self.loss, output, seg, batch) if self.enable_deep_supervision
-                 else self.supervised_loss(self.loss, output[0], seg[0], batch)}
+        terms = {"supervised": self.deep_supervised_loss(output, seg, batch)}
         terms["negatives"] = self.negatives_term(output[0], allowed[0], rows=weak)
         terms["mlds"] = self.mlds_term(output, pseudo, allowed[0], rows=weak)
         terms["pseudo"] = ramp * self.pseudo_weight * self.rows_loss(self.fullres_loss, output[0], pseudo, selected)
@@ -1022,6 +1022,12 @@ class MixSupTrainer(MixSupTrainerBase):
         if self.box_weight > 0 and bool(unsure.any()):
             terms["box"] = self.box_weight * self.box_term_loss(output[0], allowed[0], batch, classes=unsure)
         return terms
+
+    def deep_supervised_loss(self, output: list[torch.Tensor], seg: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        """:meth:`supervised_loss` with nnU-Net's own loss: every deep-supervision output if enabled, else the one."""
+        if self.enable_deep_supervision:
+            return self.supervised_loss(self.loss, output, seg, batch)
+        return self.supervised_loss(self.loss, output[0], seg[0], batch)
 
     def student_view(self, data: torch.Tensor, seg: list[torch.Tensor], allowed: list[torch.Tensor],
                      pseudo: torch.Tensor, selected: torch.Tensor):

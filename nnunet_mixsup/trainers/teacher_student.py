@@ -168,11 +168,6 @@ class MixSupTrainer_MeanTeacher(TeacherStudentTrainer):
         self.decoder_tap = FeatureTap(net.decoder.stages[-1])
         return {"teacher": ema_teacher(self.network), "pseudo_head": head}
 
-    @torch.no_grad()
-    def start_extra_modules(self) -> None:
-        """The teacher starts as the student at the start of training (after any ``-pretrained_weights``)."""
-        self.extra_modules["teacher"].load_state_dict(unwrap(self.network).state_dict())
-
     def forward_and_loss(self, data, seg, allowed, batch):
         output = as_list(self.network(data))
         logits = self.extra_modules["pseudo_head"](self.decoder_tap.pop())
@@ -181,8 +176,7 @@ class MixSupTrainer_MeanTeacher(TeacherStudentTrainer):
             terms = self.weak_label_terms(output, seg, allowed, batch)
             terms["pseudo"] = ramp * self.pseudo_weight * self.fullres_loss(logits, seg[0])
             return terms
-        sup_type = batch["sup_type"].to(data.device)
-        selected = torch.isin(sup_type, torch.tensor([TYPE_CODES[t] for t in self.pseudo_types], device=data.device))
+        selected = self.samples_of(batch, self.pseudo_types, data.device)
         pseudo = teacher_pseudo_labels(self.extra_modules["teacher"], data, seg[0], allowed[0], selected,
                                        self.label_manager.ignore_label, self.pseudo_threshold, self.teacher_noise_std)
         terms = self.weak_label_terms(output, seg, allowed, batch, mlds_labels=pseudo)
