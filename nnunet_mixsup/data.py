@@ -148,6 +148,8 @@ class MixSupDataLoader(nnUNetDataLoader):
             hold mask cases only - a warm-up in which training is stock nnU-Net on the mask cases.
         n_workers: how many background workers share the batch count (each runs its own copy of the
             loader and produces every ``n_workers``-th batch); 1 for a single-threaded loader.
+        weak_kinds: the supervision kinds (``"box"``, ``"tags"``, ``"none"``) the weak samples are
+            drawn from (default: every non-mask kind); a kind absent from ``data`` is simply not drawn.
         box_centered_fraction: for box samples that nnU-Net's oversampling marks as "force foreground",
             the patch is centred on a random voxel of a random box (this is the box analogue of
             nnU-Net's class-location sampling); other weak samples are cropped uniformly at random.
@@ -155,7 +157,8 @@ class MixSupDataLoader(nnUNetDataLoader):
 
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
                  supervision: dict[str, CaseSupervision], transpose_forward: Sequence[int],
-                 strong_fraction: float = 0.5, mask_only_batches: int = 0, n_workers: int = 1, **kwargs):
+                 strong_fraction: float = 0.5, mask_only_batches: int = 0, n_workers: int = 1,
+                 weak_kinds: Sequence[str] | None = None, **kwargs):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         missing = [k for k in self.indices if k not in supervision]
         if missing:
@@ -168,7 +171,11 @@ class MixSupDataLoader(nnUNetDataLoader):
         self.n_workers = max(1, int(n_workers))
         self.batches_drawn = 0
         self.mask_ids = [k for k in self.indices if supervision[k].type == "mask"]
-        self.weak_ids = [k for k in self.indices if supervision[k].type != "mask"]
+        kinds = {"box", "tags", "none"} if weak_kinds is None else set(weak_kinds)
+        unknown = kinds - {"box", "tags", "none"}
+        if unknown:
+            raise ValueError(f"weak_kinds must be among 'box', 'tags', 'none', got {sorted(unknown)}")
+        self.weak_ids = [k for k in self.indices if supervision[k].type in kinds]
 
     # ----------------------------------------------------------------------------------------------
     def n_strong(self) -> int:
@@ -199,7 +206,8 @@ class MixSupDataLoader(nnUNetDataLoader):
         if warmup:
             return list(np.random.choice(self.mask_ids, self.batch_size, replace=True))
         if not self.mask_ids or not self.weak_ids:
-            return list(np.random.choice(self.indices, self.batch_size, replace=True))
+            pool = self.mask_ids or self.weak_ids or self.indices
+            return list(np.random.choice(pool, self.batch_size, replace=True))
         n_strong = self.n_strong()
         keys = list(np.random.choice(self.mask_ids, n_strong, replace=True)) + \
             list(np.random.choice(self.weak_ids, self.batch_size - n_strong, replace=True))

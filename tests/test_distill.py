@@ -115,8 +115,68 @@ def _spy_teacher(monkeypatch) -> list:
     return calls
 
 
-def test_mixsup_warms_up_on_masks_until_every_class_is_found_then_self_trains(planned_2d, monkeypatch):
+def _close(tr) -> None:
+    for d in (tr.dataloader_train, tr.dataloader_val):
+        if hasattr(d, "_finish"):
+            d._finish()
+
+
+def test_mixsup_uses_boxes_and_tags_from_the_first_epoch_then_pseudo_labels_per_class(planned_2d, monkeypatch):
     tr = _trainer("MixSupTrainer", planned_2d, "2d")
+    tr.num_epochs = 10
+    calls = _spy_teacher(monkeypatch)
+    b = tr.batch_size
+    extra = max(1, round(tr.weak_batch_extra * b))
+    log = tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"]
+    n = len(tr.label_manager.foreground_labels)
+    tr.current_epoch = 0
+    assert tr.self_training_start() is None and tr.pseudo_ramp() == 0.0 and tr.in_weak_label_phase()
+    assert tr.mask_only_batches_left() == 0 and tr.train_batch_size() == b + extra
+    assert tr.loader_weak_kinds() == ("box", "tags")
+    tr.on_train_start()  # weak-label phase: the plans' batch of mask samples + box / tag samples on top
+    try:
+        early = [next(tr.dataloader_train) for _ in range(4)]
+        for x in early:
+            kinds = x["sup_type"].tolist()
+            assert len(kinds) == b + extra and kinds.count(TYPE_CODES["mask"]) == b
+            assert TYPE_CODES["none"] not in kinds  # unlabelled cases wait for the pseudo labels
+        x = next(x for x in early if (x["sup_type"] == TYPE_CODES["box"]).any())
+        out = tr.train_step(x)
+        assert np.isfinite(out["loss"]) and out["loss_pseudo"] == 0.0 and not calls  # no teacher yet
+        assert out["loss_negatives"] > 0 and out["loss_box"] > 0 and out["loss_mlds"] > 0
+        log[:] = [[0.9] * (n - 1) + [0.1]] * 4  # the last class is not segmented yet
+        tr.current_epoch = 4  # earliest 0.4 of 10 epochs: the pseudo labels start, per class
+        assert tr.self_training_start() == 4 and tr.ready_classes() == [True] * (n - 1) + [False]
+        tr.on_epoch_start()  # rebuilds the loaders: unlabelled cases join
+        assert tr.loader_weak_kinds() is None
+        mixed = [next(tr.dataloader_train) for _ in range(6)]
+        assert any((m["sup_type"] == TYPE_CODES["none"]).any() for m in mixed)
+        m = next(m for m in mixed if (m["sup_type"] == TYPE_CODES["box"]).any())
+        out = tr.train_step(m)
+        assert out["loss_pseudo"] != 0.0 and out["loss_box"] > 0 and len(calls) == 1
+        report = tr.schedule_report()
+        assert "box and tags cases used for their own labels from epoch 0" in report
+        assert "pseudo labels from epoch 4" in report and "never labelled" in report
+    finally:
+        _close(tr)
+    c = calls[0]
+    sup = m["sup_type"].to(c["rows"].device)
+    assert torch.equal(c["rows"], sup != TYPE_CODES["mask"])
+    ignore = tr.label_manager.ignore_label
+    known = c["seg0"] != ignore
+    assert torch.equal(c["pseudo"][known], c["seg0"][known])  # real labels are never overwritten
+    for k in range(c["allowed0"].shape[1]):  # a pseudo label never contradicts a box or a tag
+        assert not ((c["pseudo"][:, 0] == k + 1) & (c["allowed0"][:, k] == 0)).any()
+    assert torch.equal(c["pseudo"][~c["rows"]], c["seg0"][~c["rows"]])
+    open_last = (c["allowed0"][:, -1:] > 0) & (c["seg0"] == ignore)
+    assert (c["pseudo"][open_last] == ignore).all()  # the class the teacher misses stays open
+
+
+def test_mixsup_without_weak_kinds_from_start_warms_up_on_masks_until_every_class_is_found(planned_2d, monkeypatch):
+    from nnunet_mixsup.trainers import SelfTrainingSchedule
+
+    tr = _trainer("MixSupTrainer", planned_2d, "2d", weak_kinds_from_start=(), weak_batch_extra=0.0,
+                  schedule=SelfTrainingSchedule(earliest=0.4, min_dice=0.5, rampup=0.2))
     tr.num_epochs = 10
     calls = _spy_teacher(monkeypatch)
     log = tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"]
@@ -125,7 +185,7 @@ def test_mixsup_warms_up_on_masks_until_every_class_is_found_then_self_trains(pl
     tr.current_epoch = 5
     assert tr.self_training_start() is None and tr.pseudo_ramp() == 0.0
     assert tr.mask_only_batches_left() > 10 ** 9
-    assert "not used" in tr.schedule_report() or "never used" in tr.schedule_report()
+    assert "never used" in tr.schedule_report()
     tr.on_train_start()  # builds the loaders: warm-up batches, stock nnU-Net on the mask cases
     try:
         b = next(tr.dataloader_train)
@@ -143,18 +203,7 @@ def test_mixsup_warms_up_on_masks_until_every_class_is_found_then_self_trains(pl
         assert out["loss_pseudo"] != 0.0 and len(calls) == 1
         assert "from epoch 6" in tr.schedule_report()
     finally:
-        for d in (tr.dataloader_train, tr.dataloader_val):
-            if hasattr(d, "_finish"):
-                d._finish()
-    c = calls[0]
-    sup = m["sup_type"].to(c["rows"].device)
-    assert torch.equal(c["rows"], sup != TYPE_CODES["mask"])
-    ignore = tr.label_manager.ignore_label
-    known = c["seg0"] != ignore
-    assert torch.equal(c["pseudo"][known], c["seg0"][known])  # real labels are never overwritten
-    for k in range(c["allowed0"].shape[1]):  # a pseudo label never contradicts a box or a tag
-        assert not ((c["pseudo"][:, 0] == k + 1) & (c["allowed0"][:, k] == 0)).any()
-    assert torch.equal(c["pseudo"][~c["rows"]], c["seg0"][~c["rows"]])
+        _close(tr)
     log[:] = [[0.9] * n] * 3  # ready from epoch 0 on: still not before the earliest start (epoch 4)
     tr.current_epoch = 3
     assert tr.self_training_start() is None
@@ -181,7 +230,7 @@ def test_schedule_report_names_the_classes_that_kept_the_weak_cases_out():
 def test_mixsup_warm_up_loss_is_nnunets_own(planned_2d):
     from nnunet_mixsup.trainers.mixsup import as_list
 
-    tr = _trainer("MixSupTrainer", planned_2d, "2d")
+    tr = _trainer("MixSupTrainer", planned_2d, "2d", weak_kinds_from_start=())
     b = _batches(tr, 1)[0]  # no validation Dice logged yet: warm-up, mask samples only
     assert (b["sup_type"] == TYPE_CODES["mask"]).all()
     seg = [t[:, :1] for t in b["target"]]
@@ -436,21 +485,3 @@ def test_pretrained_weights_reach_teacher_and_second_network(cls_name, planned_2
             assert not all(torch.equal(o[k], student[prefix + k]) for k in o if k not in shared)
     finally:
         tr.on_train_end()
-
-
-def test_per_class_start_uses_boxes_for_the_class_the_teacher_misses(planned_2d, monkeypatch):
-    """MixSupTrainer_PerClass: weak cases from the earliest start; box term and no pseudo labels for a missed class."""
-    calls = _spy_teacher(monkeypatch)
-    tr = _trainer("MixSupTrainer_PerClass", planned_2d, "2d", strong_fraction=0.3)
-    tr.num_epochs = 10
-    n = len(tr.label_manager.foreground_labels)
-    tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"][:] = [[0.9] * (n - 1) + [0.0]] * 6
-    tr.current_epoch = 6
-    assert tr.self_training_start() == 4 and tr.ready_classes() == [True] * (n - 1) + [False]
-    b = next(b for b in _batches(tr, 12) if (b["sup_type"] == TYPE_CODES["box"]).any())
-    out = tr.train_step(b)
-    assert np.isfinite(out["loss"]) and np.isfinite(out["loss_box"])
-    c = calls[0]
-    open_last = (c["allowed0"][:, -1:] > 0) & (c["seg0"] == tr.label_manager.ignore_label)
-    assert (c["pseudo"][open_last] == tr.label_manager.ignore_label).all()  # the missed class stays open
-    assert "never labelled" in tr.schedule_report()

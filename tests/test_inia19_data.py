@@ -154,7 +154,7 @@ def test_benchmark_preset_builds_the_inia19_dataset(tmp_path, monkeypatch):
     assert p.demo_data == (inia19_data.DEFAULT_ID, ("--dataset", "inia19"))
     assert benchmark.PRESETS["cpu-mini"].demo_data == (benchmark.DEMO_ID, ())
     assert (p.configuration, p.small_plans, p.epochs, p.iterations) == (
-        "2d", benchmark.PRESETS["cpu-mini"].small_plans, 80, 25)
+        "2d", benchmark.PRESETS["cpu-mini"].small_plans, 200, 25)
     parser = argparse.ArgumentParser()
     benchmark.register_cli(parser.add_subparsers())
     cfg = benchmark.config_from_args(parser.parse_args(["benchmark", "--preset", "inia19-cpu", "--workdir",

@@ -20,7 +20,9 @@ EXPECTED = {
     "MixSupTrainer_StrongView": True,
     "MixSupTrainer_StrongViewAddWeak": True,
     "MixSupTrainer_MaskOnly2x": True,
-    "MixSupTrainer_PerClass": True,
+    "MixSupTrainer_MaskFirst": True,
+    "MixSupTrainer_WarmupFirst": True,
+    "MixSupTrainer_NoBoxTerm": True,
 }
 
 

@@ -19,8 +19,27 @@ def experiments_trainers_path() -> str:
     return str(Path(__file__).resolve().parent / "ext_trainers")
 
 
-class MixSupTrainer_StrongView(MixSupTrainer):
-    """``MixSupTrainer`` whose student sees CutMixed, intensity-perturbed weak samples (FixMatch / UniMatch).
+class MixSupTrainer_MaskFirst(MixSupTrainer):
+    """Ablation: ``MixSupTrainer`` before boxes and tags joined from the first epoch.
+
+    A mask-only warm-up (stock nnU-Net on the mask cases) until *every* class reaches validation
+    pseudo Dice ``schedule.min_dice`` (not before ``schedule.earliest``); then the weak cases take
+    half of the plans' batch, the teacher labels every class it has been validated on, and boxes
+    act through their certain negatives only (no box term). Measures what the weak-label phase
+    and the per-class trust of the default add.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.schedule.per_class = False
+        self.weak_kinds_from_start = ()
+        self.weak_batch_extra = 0.0
+        self.box_weight = 0.0
+
+
+class MixSupTrainer_StrongView(MixSupTrainer_MaskFirst):
+    """``MixSupTrainer_MaskFirst`` whose student sees CutMixed, intensity-perturbed weak samples (FixMatch / UniMatch).
 
     The teacher labels the clean, unmixed batch. Then, on the pseudo-labelled rows, a grid-aligned
     rectangle of another such row (share of the patch in ``cutmix_area``, each row with probability
@@ -64,11 +83,11 @@ class MixSupTrainer_StrongViewAddWeak(MixSupTrainer_StrongView):
         self.weak_batch_extra = 1.0
 
 
-class MixSupTrainer_MaskOnly2x(MixSupTrainer):
+class MixSupTrainer_MaskOnly2x(MixSupTrainer_MaskFirst):
     """Control for ``weak_batch_extra``: the mask cases only, the batch doubled from the self-training start on.
 
     Stock nnU-Net on the mask cases (``strong_fraction = 1``: weak cases are not loaded) until the
-    epoch at which ``MixSupTrainer`` would start self-training, then 2B mask samples per step.
+    epoch at which ``MixSupTrainer_MaskFirst`` would start self-training, then 2B mask samples per step.
     """
 
     trains_on_weak_cases: ClassVar[bool] = False
@@ -80,20 +99,26 @@ class MixSupTrainer_MaskOnly2x(MixSupTrainer):
         self.weak_batch_extra = 1.0
 
 
-class MixSupTrainer_PerClass(MixSupTrainer):
-    """``MixSupTrainer`` whose weak cases join at ``schedule.earliest`` even if a class is still missed.
+class MixSupTrainer_WarmupFirst(MixSupTrainer):
+    """``MixSupTrainer`` with a mask-only warm-up: every weak case joins at ``schedule.earliest`` of the epochs.
 
-    The default waits until the mask-only model segments *every* class; when one class stays hard
-    (exactly where a box would say where it is) the weak cases are never used. Here self-training
-    starts at 40 % of the epochs whatever the Dice says (``schedule.per_class``); the teacher's
-    pseudo labels speak only for the classes that reached ``schedule.min_dice`` (an unknown voxel
-    where a not-yet-ready class may be present stays unknown), and the box term (presence on 2D
-    slices of volumes, tightness in 3D, ``box_weight``) teaches the not-yet-ready classes from their
-    boxes until the teacher takes over.
+    Until then stock nnU-Net on the mask cases (the small classes are found abruptly, late in a
+    short run); from then on the default's terms - weak samples on top of the mask batch, boxes and
+    tags with their own labels, teacher pseudo labels for the classes validated at
+    ``schedule.min_dice``, the box term for the others. Measures whether the weak-label terms help
+    more from the first epoch or after the mask-only model has found the classes.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.schedule.per_class = True
-        self.box_weight = 0.5
+        self.weak_kinds_from_start = ()
+
+
+class MixSupTrainer_NoBoxTerm(MixSupTrainer):
+    """Ablation: ``MixSupTrainer`` without the box term (``box_weight = 0``); boxes act through their negatives only."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.box_weight = 0.0

@@ -466,6 +466,10 @@ class MixSupTrainerBase(nnUNetTrainer):
         """Share of each training batch drawn from mask cases: ``strong_fraction`` here."""
         return self.strong_fraction
 
+    def loader_weak_kinds(self) -> tuple[str, ...] | None:
+        """Supervision kinds the training loader draws weak samples from (None: every non-mask kind)."""
+        return None
+
     def get_dataloaders(self):
         """nnU-Net's pipeline with :class:`MixSupDataLoader` for training (validation stays stock)."""
         if self.label_manager.has_regions:
@@ -490,7 +494,7 @@ class MixSupTrainerBase(nnUNetTrainer):
                                  transpose_forward=self.plans_manager.transpose_forward,
                                  strong_fraction=self.loader_strong_fraction(),
                                  mask_only_batches=self.mask_only_batches_left(),
-                                 n_workers=max(1, get_allowed_n_proc_DA()),
+                                 weak_kinds=self.loader_weak_kinds(), n_workers=max(1, get_allowed_n_proc_DA()),
                                  oversample_foreground_percent=self.oversample_foreground_percent,
                                  sampling_probabilities=None, pad_sides=None, transforms=tr_transforms,
                                  probabilistic_oversampling=self.probabilistic_oversampling)
@@ -853,14 +857,24 @@ class SelfTrainingSchedule:
         return linear_rampup(current_epoch - start, round(self.rampup * num_epochs))
 
     def report(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int,
-               class_names: Sequence[str]) -> str:
-        """One sentence for the end of training: from which epoch the weak cases were used, or why never."""
+               class_names: Sequence[str], weak_kinds_from_start: Sequence[str] = ()) -> str:
+        """One sentence for the end of training: when the weak cases were used, and for what, or why never.
+
+        ``weak_kinds_from_start``: the supervision kinds that were in the batches from the first
+        epoch for their own labels (empty: a mask-only warm-up preceded the start).
+        """
         start = self.start_epoch(dice_history, current_epoch, num_epochs)
         last = current_epoch + 1
+        early = ""
+        if weak_kinds_from_start:
+            early = f"{' and '.join(weak_kinds_from_start)} cases used for their own labels from epoch 0; "
         if start is not None:
             share = 100.0 * (last - start) / max(1, last)
-            part = "" if start <= 1 else f" (the first {start} epochs used the mask cases only)"
-            msg = f"weak cases used from epoch {start} on, {share:.0f} % of the {last} epochs{part}"
+            if early:
+                msg = early + f"teacher pseudo labels from epoch {start} on, {share:.0f} % of the {last} epochs"
+            else:
+                part = "" if start <= 1 else f" (the first {start} epochs used the mask cases only)"
+                msg = f"weak cases used from epoch {start} on, {share:.0f} % of the {last} epochs{part}"
             if self.per_class:
                 ready = self.ready_classes(dice_history, current_epoch, num_epochs, len(class_names))
                 never = [n for n, r in zip(class_names, ready) if not r]
@@ -868,13 +882,20 @@ class SelfTrainingSchedule:
                     msg += (f"; the teacher never labelled {', '.join(never)} (validation Dice below "
                             f"{self.min_dice}): only their weak labels taught them")
             return msg
+        if self.per_class:
+            return (early + f"no teacher pseudo labels: training ended before epoch "
+                    f"{max(1, round(self.earliest * num_epochs))}" + ("" if early else
+                                                                     "; the run is nnU-Net trained on the mask cases only"))
         best = np.nanmax(np.asarray(dice_history, dtype=float), axis=0) if len(dice_history) else None
         if best is None:
-            return "weak cases never used: no validation Dice was logged"
+            return early + "no teacher pseudo labels: no validation Dice was logged"
         missing = [f"{n} (best {b:.2f})" for n, b in zip(class_names, best) if not b >= self.min_dice]
         why = f"validation Dice stayed below {self.min_dice} for {', '.join(missing)}" if missing else \
             f"every class reached {self.min_dice} only before epoch {round(self.earliest * num_epochs)}" \
             " or in the last epoch"
+        if early:
+            return (early + f"no teacher pseudo labels (they need validation pseudo Dice >= {self.min_dice} for "
+                    f"every class; {why}); unlabelled cases never used")
         return (f"weak cases never used: self-training needs validation pseudo Dice >= {self.min_dice} for "
                 f"every class; {why}. The run is nnU-Net trained on the mask cases only.")
 
@@ -882,55 +903,65 @@ class SelfTrainingSchedule:
 class MixSupTrainer(MixSupTrainerBase):
     """The default mixed-supervision trainer (``nnUNetv2_train ... -tr MixSupTrainer``).
 
-    **Warm-up.** Until :attr:`schedule` starts self-training, every batch holds mask cases only
-    and the loss is nnU-Net's own (Dice + CE with its deep supervision): the run is exactly
-    ``nnUNetTrainer`` on the mask cases, and the EMA teacher tracks that mask-only model.
+    **Batches.** Every batch holds the plans' batch of mask cases - nnU-Net's own loss on them
+    as a sub-batch, so the mask part of every step is that of stock nnU-Net - plus
+    ``weak_batch_extra`` x batch weak samples on top.
 
-    **Self-training.** From the start epoch on (the loaders are rebuilt once, then), a share
-    ``strong_fraction`` of each batch comes from mask cases and the rest from weak cases
-    (``weak_batch_extra`` > 0: the mask samples keep the whole batch and weak samples come on top).
-    The EMA teacher labels the weak samples' unknown voxels with its weak-label-constrained,
-    confident predictions, and the terms of :meth:`forward_and_loss` are, each weighted:
+    **Weak-label phase (from the first epoch).** The weak samples come from the cases of
+    ``weak_kinds_from_start`` (boxes and image tags), each with what its labels say for certain:
 
-    - ``supervised``: nnU-Net's deep-supervised Dice + CE on the mask samples (as a sub-batch) +
-      cross-entropy on the weak samples' known voxels (:meth:`supervised_loss`);
-    - ``negatives``: certain negatives of the weak samples (outside the boxes of a class, classes
-      absent from the tags), full resolution (:meth:`negatives_term`);
-    - ``mlds``: multi-label deep supervision of the weak samples at the coarse outputs, with
-      real labels, pseudo labels and certain negatives pooled into the targets (:meth:`mlds_term`);
+    - ``supervised``: nnU-Net's deep-supervised Dice + CE on the mask samples + cross-entropy on the
+      weak samples' known voxels (outside every box: background) (:meth:`supervised_loss`);
+    - ``negatives``: class c is absent outside its boxes and everywhere when the tags exclude it,
+      full resolution (:meth:`negatives_term`);
+    - ``mlds``: multi-label deep supervision of the weak samples at the coarse outputs, from their
+      known labels and certain negatives (:meth:`mlds_term`);
+    - ``box``: the object lies in its box - tightness (every slice through the box extent crosses
+      it) in 3D, presence (some voxel of the box cross-section is c) for 2D slices of volumes
+      (:meth:`~MixSupTrainerBase.box_term_loss`), times ``box_weight``.
+
+    Without cases of those kinds (e.g. masks + unlabelled only) this phase is nnU-Net on the mask
+    cases (a mask-only warm-up).
+
+    **Self-training (from** ``schedule.earliest`` **of the epochs).** Unlabelled cases join, and the
+    EMA teacher labels the weak samples' unknown voxels with its weak-label-constrained, confident
+    predictions - for the classes it has shown it segments (validation pseudo Dice >=
+    ``schedule.min_dice``, :meth:`SelfTrainingSchedule.ready_classes`); where another class may be
+    present the voxels stay unknown, and the box term keeps teaching that class. Added terms:
+
     - ``pseudo``: nnU-Net's Dice + CE of the exported head against the pseudo labels on the weak
-      samples, times the schedule's ramp and ``pseudo_weight``;
+      samples, times the schedule's ramp and ``pseudo_weight``; the ``mlds`` targets now include
+      the pseudo labels;
     - ``entropy``: entropy of the prediction on unlabelled samples, ramped in over
       ``entropy_rampup_epochs`` from the start of the run.
 
-    A class that no mask case shows (nnU-Net's validation never scores it) is never labelled by the
-    teacher, which never learned it: where its boxes or tags leave it open, the voxels stay unknown
-    instead of becoming confident background. After each optimizer step the teacher moves towards
-    the student (``ema_decay``). Boxes act
-    through what is certain: negatives outside them, in the loss and in the pseudo labels (no box
-    tightness term). At the end of training the log and ``progress_mixsup.png`` say from which
-    epoch the weak cases were used, or why they never were.
+    After each optimizer step the teacher moves towards the student (``ema_decay``). At the end of
+    training the log and ``progress_mixsup.png`` say which weak cases were used from when, and which
+    classes the teacher never labelled.
 
     Attributes (hyperparameters, beyond the base's):
-        schedule: :class:`SelfTrainingSchedule` (earliest start, minimum validation Dice, ramp).
+        schedule: :class:`SelfTrainingSchedule` (start of the pseudo labels, per-class trust, ramp).
+        weak_kinds_from_start: supervision kinds in the batches from the first epoch (``()``: a
+            mask-only warm-up until the pseudo labels start).
+        weak_batch_extra: weak samples on top of the plans' batch, as a share of it (0: they take
+            ``1 - strong_fraction`` of the plans' batch instead).
         ema_decay: teacher update ``t = ema_decay * t + (1 - ema_decay) * s`` after every step.
         teacher_noise_std: Gaussian noise on the teacher's input (perturbation consistency).
         pseudo_threshold: minimum constrained teacher probability for a pseudo label.
         pseudo_weight: weight of the pseudo-label term at full ramp.
         pseudo_types: the supervision kinds whose samples get pseudo labels.
         entropy_weight, entropy_rampup_epochs: the entropy term and its linear ramp.
-        weak_batch_extra: weak samples added on top of the plans' batch after the start, as a share
-            of it (0: they take ``1 - strong_fraction`` of the plans' batch instead).
-        box_weight: weight of the box term (:meth:`~MixSupTrainerBase.box_term_loss`) for the classes
-            the teacher is not trusted with yet (all classes before ``schedule.per_class`` marks them
-            ready); 0: boxes act through their certain negatives only.
+        box_weight: weight of the box term for the classes the teacher is not trusted with (all of
+            them before the pseudo labels start); 0: boxes act through their certain negatives only.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.schedule = SelfTrainingSchedule(earliest=0.4, min_dice=0.5, rampup=0.2)
+        self.schedule = SelfTrainingSchedule(earliest=0.4, min_dice=0.5, rampup=0.2, per_class=True)
         self.strong_fraction = 0.5
+        self.weak_kinds_from_start: tuple[str, ...] = ("box", "tags")
+        self.weak_batch_extra = 0.5
         self.ema_decay = 0.99
         self.teacher_noise_std = 0.1
         self.pseudo_threshold = 0.8
@@ -938,10 +969,9 @@ class MixSupTrainer(MixSupTrainerBase):
         self.pseudo_types: tuple[str, ...] = ("box", "tags", "none")
         self.entropy_weight = 0.1
         self.entropy_rampup_epochs = 50
-        self.weak_batch_extra = 0.0
-        self.box_weight = 0.0
+        self.box_weight = 0.5
         self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box")
-        self._loaders_in_warmup = False
+        self._loader_phase: tuple[bool, bool] | None = None
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
         self.entropy_loss = EntropyLoss()
@@ -964,12 +994,27 @@ class MixSupTrainer(MixSupTrainerBase):
     def _dice_history(self) -> list:
         return self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region", [])
 
+    def weak_cases_from_start(self) -> bool:
+        """Whether the training split holds cases of a kind in ``weak_kinds_from_start`` (they join at epoch 0)."""
+        kinds = set(self.weak_kinds_from_start)
+        return bool(kinds) and any(s.type in kinds for s in self.load_supervision().values())
+
+    def in_weak_label_phase(self) -> bool:
+        """Before the pseudo labels start, with weak cases in the batches for their own labels."""
+        return self.self_training_start() is None and self.weak_cases_from_start()
+
     def mask_only_batches_left(self) -> int:
-        """Unbounded until self-training has started, 0 afterwards (also after ``--c``)."""
-        return 0 if self.self_training_start() is not None else 2 ** 62
+        """Unbounded in a mask-only warm-up (no weak case of ``weak_kinds_from_start``), else 0 (also after ``--c``)."""
+        if self.self_training_start() is not None or self.weak_cases_from_start():
+            return 0
+        return 2 ** 62
+
+    def loader_weak_kinds(self) -> tuple[str, ...] | None:
+        """``weak_kinds_from_start`` before the pseudo labels start, every weak kind afterwards."""
+        return tuple(self.weak_kinds_from_start) if self.in_weak_label_phase() else None
 
     def extra_weak_samples(self) -> int:
-        """Weak samples on top of the plans' batch: 0 without ``weak_batch_extra`` or before the start."""
+        """Weak samples on top of the plans' batch: 0 without ``weak_batch_extra`` or in a mask-only warm-up."""
         if self.weak_batch_extra <= 0 or self.mask_only_batches_left() > 0:
             return 0
         return max(1, round(self.weak_batch_extra * self.batch_size))
@@ -981,43 +1026,58 @@ class MixSupTrainer(MixSupTrainerBase):
         extra = self.extra_weak_samples()
         return self.strong_fraction if extra == 0 else self.batch_size / (self.batch_size + extra)
 
+    def loader_phase(self) -> tuple[bool, bool]:
+        """What the training loader's batches depend on: (pseudo labels started, weak cases from the start)."""
+        return self.self_training_start() is not None, self.weak_cases_from_start()
+
     def get_dataloaders(self):
         loaders = super().get_dataloaders()
-        self._loaders_in_warmup = self.mask_only_batches_left() > 0
+        self._loader_phase = self.loader_phase()
         return loaders
 
     def on_epoch_start(self):
-        if self._loaders_in_warmup and self.self_training_start() is not None:
-            self.print_to_log_file(f"epoch {self.current_epoch}: every class reached validation pseudo Dice "
-                                   f">= {self.schedule.min_dice}; self-training on the weak cases starts")
+        if self._loader_phase is not None and self._loader_phase != self.loader_phase():
+            ready = [n for n, r in zip(self.class_names(), self.ready_classes()) if r]
+            self.print_to_log_file(f"epoch {self.current_epoch}: self-training starts; the teacher labels "
+                                   f"{', '.join(ready) if ready else 'no class yet'} on the weak cases")
             for loader in (self.dataloader_train, self.dataloader_val):
                 if hasattr(loader, "_finish"):
                     loader._finish()
             self.dataloader_train, self.dataloader_val = self.get_dataloaders()
         super().on_epoch_start()
 
+    def class_names(self) -> list[str]:
+        """The foreground classes' names from dataset.json, in ``foreground_labels`` order."""
+        names = {v: k for k, v in self.dataset_json["labels"].items() if isinstance(v, int)}
+        return [names.get(c, str(c)) for c in self.label_manager.foreground_labels]
+
     # -------------------------------------------------------------------------------- one step
     def forward_and_loss(self, data, seg, allowed, batch):
         ramp = self.pseudo_ramp()
-        if ramp == 0 or self.label_manager.ignore_label is None:
-            # warm-up (epoch-level, so every DDP rank takes this branch together): stock nnU-Net
+        if self.label_manager.ignore_label is None or (ramp == 0 and not self.weak_cases_from_start()):
+            # mask-only warm-up (epoch-level, so every DDP rank takes this branch together): stock nnU-Net
             return {"supervised": self.deep_supervised_loss(as_list(self.network(data)), seg, batch)}
         sup_type = batch["sup_type"].to(data.device)
         weak = sup_type != TYPE_CODES["mask"]
-        selected = self.samples_of(batch, self.pseudo_types, data.device)
         unsure = ~torch.tensor(self.ready_classes(), device=data.device)
-        pseudo = teacher_pseudo_labels(self.extra_modules["teacher"], data, seg[0], allowed[0], selected,
-                                       self.label_manager.ignore_label, self.pseudo_threshold, self.teacher_noise_std,
-                                       unsure=unsure)
-        data, seg, allowed, pseudo = self.student_view(data, seg, allowed, pseudo, selected)
+        if ramp > 0:
+            selected = self.samples_of(batch, self.pseudo_types, data.device)
+            pseudo = teacher_pseudo_labels(self.extra_modules["teacher"], data, seg[0], allowed[0], selected,
+                                           self.label_manager.ignore_label, self.pseudo_threshold,
+                                           self.teacher_noise_std, unsure=unsure)
+            data, seg, allowed, pseudo = self.student_view(data, seg, allowed, pseudo, selected)
+        else:  # weak-label phase: the weak samples' own labels only
+            pseudo = seg[0]
         output = as_list(self.network(data))
         terms = {"supervised": self.deep_supervised_loss(output, seg, batch)}
         terms["negatives"] = self.negatives_term(output[0], allowed[0], rows=weak)
         terms["mlds"] = self.mlds_term(output, pseudo, allowed[0], rows=weak)
-        terms["pseudo"] = ramp * self.pseudo_weight * self.rows_loss(self.fullres_loss, output[0], pseudo, selected)
+        if ramp > 0:
+            terms["pseudo"] = ramp * self.pseudo_weight * self.rows_loss(self.fullres_loss, output[0], pseudo,
+                                                                         selected)
         unlabelled = sup_type == TYPE_CODES["none"]
         entropy_ramp = linear_rampup(self.current_epoch, self.entropy_rampup_epochs)
-        if self.entropy_weight > 0 and bool(unlabelled.any()):
+        if ramp > 0 and self.entropy_weight > 0 and bool(unlabelled.any()):
             terms["entropy"] = self.entropy_weight * entropy_ramp * self.entropy_loss(output[0], sample_mask=unlabelled)
         if self.box_weight > 0 and bool(unsure.any()):
             terms["box"] = self.box_weight * self.box_term_loss(output[0], allowed[0], batch, classes=unsure)
@@ -1044,10 +1104,10 @@ class MixSupTrainer(MixSupTrainerBase):
     # -------------------------------------------------------------------------------- report
     def schedule_report(self) -> str:
         """:meth:`SelfTrainingSchedule.report` for this run (log and plot at the end of training)."""
-        names = {v: k for k, v in self.dataset_json["labels"].items() if isinstance(v, int)}
-        classes = [names.get(c, str(c)) for c in self.label_manager.foreground_labels]
         return self.schedule.report(self._dice_history(), min(self.current_epoch, self.num_epochs - 1),
-                                    self.num_epochs, classes)
+                                    self.num_epochs, self.class_names(),
+                                    weak_kinds_from_start=self.weak_kinds_from_start if self.weak_cases_from_start()
+                                    else ())
 
     def on_train_end(self):
         if self.local_rank == 0 and self.label_manager.ignore_label is not None:

@@ -1,7 +1,9 @@
 """Re-exports of the experiment-only trainers for ``nnUNet_extTrainer`` (added by ``nnunet-mixsup benchmark``)."""
 from nnunet_mixsup.lab.experiment_trainers import (  # noqa: F401
+    MixSupTrainer_MaskFirst,
     MixSupTrainer_MaskOnly2x,
-    MixSupTrainer_PerClass,
+    MixSupTrainer_NoBoxTerm,
     MixSupTrainer_StrongView,
     MixSupTrainer_StrongViewAddWeak,
+    MixSupTrainer_WarmupFirst,
 )
