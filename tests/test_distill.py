@@ -122,7 +122,8 @@ def _close(tr) -> None:
 
 
 def test_mixsup_uses_boxes_and_tags_from_the_first_epoch_then_pseudo_labels_per_class(planned_2d, monkeypatch):
-    tr = _trainer("MixSupTrainer", planned_2d, "2d")
+    assert _trainer("MixSupTrainer", planned_2d, "2d").box_weight == 0  # no box term by default
+    tr = _trainer("MixSupTrainer", planned_2d, "2d", box_weight=0.5)
     tr.num_epochs = 10
     calls = _spy_teacher(monkeypatch)
     b = tr.batch_size

@@ -22,7 +22,7 @@ EXPECTED = {
     "MixSupTrainer_MaskOnly2x": True,
     "MixSupTrainer_MaskFirst": True,
     "MixSupTrainer_WarmupFirst": True,
-    "MixSupTrainer_NoBoxTerm": True,
+    "MixSupTrainer_BoxTerm": True,
 }
 
 

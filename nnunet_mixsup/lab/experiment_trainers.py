@@ -105,8 +105,8 @@ class MixSupTrainer_WarmupFirst(MixSupTrainer):
     Until then stock nnU-Net on the mask cases (the small classes are found abruptly, late in a
     short run); from then on the default's terms - weak samples on top of the mask batch, boxes and
     tags with their own labels, teacher pseudo labels for the classes validated at
-    ``schedule.min_dice``, the box term for the others. Measures whether the weak-label terms help
-    more from the first epoch or after the mask-only model has found the classes.
+    ``schedule.min_dice``. Measures whether the weak-label terms help more from the first epoch or
+    after the mask-only model has found the classes.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -115,10 +115,15 @@ class MixSupTrainer_WarmupFirst(MixSupTrainer):
         self.weak_kinds_from_start = ()
 
 
-class MixSupTrainer_NoBoxTerm(MixSupTrainer):
-    """Ablation: ``MixSupTrainer`` without the box term (``box_weight = 0``); boxes act through their negatives only."""
+class MixSupTrainer_BoxTerm(MixSupTrainer):
+    """Ablation: ``MixSupTrainer`` with the box term (``box_weight = 0.5``) for the classes the teacher does not label.
+
+    Tightness in 3D, presence (multiple-instance: some voxel of the box cross-section is the class)
+    on 2D slices of volumes, from the first epoch for every class, later for the classes below
+    ``schedule.min_dice``.
+    """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.box_weight = 0.0
+        self.box_weight = 0.5

@@ -1,8 +1,8 @@
 """Re-exports of the experiment-only trainers for ``nnUNet_extTrainer`` (added by ``nnunet-mixsup benchmark``)."""
 from nnunet_mixsup.lab.experiment_trainers import (  # noqa: F401
+    MixSupTrainer_BoxTerm,
     MixSupTrainer_MaskFirst,
     MixSupTrainer_MaskOnly2x,
-    MixSupTrainer_NoBoxTerm,
     MixSupTrainer_StrongView,
     MixSupTrainer_StrongViewAddWeak,
     MixSupTrainer_WarmupFirst,
