@@ -182,6 +182,8 @@ def test_batches_without_a_mask_sample(scenarios, scenario, cls_name):
 
     extra = {"self_training_start": lambda: 0, "pseudo_ramp": lambda: 1.0} \
         if hasattr(trainer_class(cls_name), "self_training_start") else {}
+    if cls_name == "MixSupTrainer":
+        extra["weak_batch_extra"] = 0.0  # weak samples inside the plans' batch, so strong_fraction 0 holds
     tr = make_trainer(cls_name, scenarios[scenario], strong_fraction=0.0, **extra)
     res = train_steps(tr)
     for batch, _ in res:
@@ -193,7 +195,7 @@ def test_small_batch_keeps_the_expected_mask_share(scenarios):
     """Batch 2 x strong_fraction 0.2: 0.4 mask samples per batch on average (not round(0.4) = 0, never)."""
     from nnunet_mixsup.data import MixSupDataLoader
 
-    tr = make_trainer("MixSupTrainer", scenarios["OnlyBoxes"], strong_fraction=0.2, batch_size=2)
+    tr = make_trainer("MixSupTrainer", scenarios["OnlyBoxes"], strong_fraction=0.2, batch_size=2, weak_batch_extra=0.0)
     assert_finite(tr, train_steps(tr, 3))
     dl = MixSupDataLoader.__new__(MixSupDataLoader)
     dl.batch_size, dl.strong_fraction = 2, 0.2
