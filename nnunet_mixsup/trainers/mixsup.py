@@ -1110,8 +1110,12 @@ class MixSupTrainer(MixSupTrainerBase):
         """:meth:`SelfTrainingSchedule.report` for this run (log and plot at the end of training)."""
         return self.schedule.report(self._dice_history(), min(self.current_epoch, self.num_epochs - 1),
                                     self.num_epochs, self.class_names(),
-                                    weak_kinds_from_start=self.weak_kinds_from_start if self.weak_cases_from_start()
-                                    else ())
+                                    weak_kinds_from_start=self.weak_kinds_present_from_start())
+
+    def weak_kinds_present_from_start(self) -> tuple[str, ...]:
+        """The kinds of ``weak_kinds_from_start`` that the dataset has cases of (for the report)."""
+        present = {s.type for s in self.load_supervision().values()}
+        return tuple(k for k in self.weak_kinds_from_start if k in present)
 
     def on_train_end(self):
         if self.local_rank == 0 and self.label_manager.ignore_label is not None:
