@@ -39,6 +39,8 @@ from threadpoolctl import threadpool_limits
 from nnunet_mixsup.geometry import box_to_preprocessed, rasterize_boxes_in_patch
 from nnunet_mixsup.manifest import TYPE_CODES, CaseSupervision
 
+WEAK_KINDS = tuple(k for k in TYPE_CODES if k != "mask")
+"""The supervision kinds of weak samples: box, tags, none."""
 ALLOWED_BITS = 15
 """Allowed maps per int16 code channel (codes 0..32767)."""
 FLOAT32_EXACT = 1 << 24
@@ -171,10 +173,9 @@ class MixSupDataLoader(nnUNetDataLoader):
         self.n_workers = max(1, int(n_workers))
         self.batches_drawn = 0
         self.mask_ids = [k for k in self.indices if supervision[k].type == "mask"]
-        kinds = {"box", "tags", "none"} if weak_kinds is None else set(weak_kinds)
-        unknown = kinds - {"box", "tags", "none"}
-        if unknown:
-            raise ValueError(f"weak_kinds must be among 'box', 'tags', 'none', got {sorted(unknown)}")
+        kinds = set(WEAK_KINDS if weak_kinds is None else weak_kinds)
+        if not kinds <= set(WEAK_KINDS):
+            raise ValueError(f"weak_kinds must be among {WEAK_KINDS}, got {sorted(kinds - set(WEAK_KINDS))}")
         self.weak_ids = [k for k in self.indices if supervision[k].type in kinds]
 
     # ----------------------------------------------------------------------------------------------

@@ -975,7 +975,8 @@ class MixSupTrainer(MixSupTrainerBase):
         self.entropy_rampup_epochs = 50
         self.box_weight = 0.0
         self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box")
-        self._loader_phase: tuple[bool, bool] | None = None
+        self._loaders_self_training: bool | None = None  # phase the current loaders were built for
+        self._kinds_in_dataset: frozenset[str] | None = None
 
     def build_extra_modules(self) -> dict[str, nn.Module]:
         self.entropy_loss = EntropyLoss()
@@ -998,10 +999,15 @@ class MixSupTrainer(MixSupTrainerBase):
     def _dice_history(self) -> list:
         return self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region", [])
 
+    def weak_kinds_present_from_start(self) -> tuple[str, ...]:
+        """The kinds of ``weak_kinds_from_start`` that the dataset has cases of (they join at epoch 0)."""
+        if self._kinds_in_dataset is None:  # read once: this is asked every step
+            self._kinds_in_dataset = frozenset(s.type for s in self.load_supervision().values())
+        return tuple(k for k in self.weak_kinds_from_start if k in self._kinds_in_dataset)
+
     def weak_cases_from_start(self) -> bool:
-        """Whether the training split holds cases of a kind in ``weak_kinds_from_start`` (they join at epoch 0)."""
-        kinds = set(self.weak_kinds_from_start)
-        return bool(kinds) and any(s.type in kinds for s in self.load_supervision().values())
+        """Whether the dataset has cases of a kind in ``weak_kinds_from_start``."""
+        return bool(self.weak_kinds_present_from_start())
 
     def in_weak_label_phase(self) -> bool:
         """Before the pseudo labels start, with weak cases in the batches for their own labels."""
@@ -1030,17 +1036,13 @@ class MixSupTrainer(MixSupTrainerBase):
         extra = self.extra_weak_samples()
         return self.strong_fraction if extra == 0 else self.batch_size / (self.batch_size + extra)
 
-    def loader_phase(self) -> tuple[bool, bool]:
-        """What the training loader's batches depend on: (pseudo labels started, weak cases from the start)."""
-        return self.self_training_start() is not None, self.weak_cases_from_start()
-
     def get_dataloaders(self):
         loaders = super().get_dataloaders()
-        self._loader_phase = self.loader_phase()
+        self._loaders_self_training = self.self_training_start() is not None
         return loaders
 
     def on_epoch_start(self):
-        if self._loader_phase is not None and self._loader_phase != self.loader_phase():
+        if self._loaders_self_training is False and self.self_training_start() is not None:
             ready = [n for n, r in zip(self.class_names(), self.ready_classes()) if r]
             self.print_to_log_file(f"epoch {self.current_epoch}: self-training starts; the teacher labels "
                                    f"{', '.join(ready) if ready else 'no class yet'} on the weak cases")
@@ -1111,11 +1113,6 @@ class MixSupTrainer(MixSupTrainerBase):
         return self.schedule.report(self._dice_history(), min(self.current_epoch, self.num_epochs - 1),
                                     self.num_epochs, self.class_names(),
                                     weak_kinds_from_start=self.weak_kinds_present_from_start())
-
-    def weak_kinds_present_from_start(self) -> tuple[str, ...]:
-        """The kinds of ``weak_kinds_from_start`` that the dataset has cases of (for the report)."""
-        present = {s.type for s in self.load_supervision().values()}
-        return tuple(k for k in self.weak_kinds_from_start if k in present)
 
     def on_train_end(self):
         if self.local_rank == 0 and self.label_manager.ignore_label is not None:
