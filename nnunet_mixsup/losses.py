@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "BoxFillLoss",
     "BoxPresenceLoss",
     "BoxProjectionLoss",
     "CertainNegativeLoss",
@@ -486,6 +487,57 @@ class BoxPresenceLoss(nn.Module):
             best = logp.masked_fill(~inside, float("-inf")).flatten(2).amax(dim=2)  # (B, K)
             best = torch.where(pair_ok, best, torch.zeros_like(best))
             return _masked_mean(-best, pair_ok.float())
+
+
+class BoxFillLoss(nn.Module):
+    """Global size constraint inside boxes (Kervadec et al., MIDL 2020): class c fills a share of its boxes.
+
+    A tight box of a compact object is filled by it to a known degree (0.1-0.3 for the INIA19
+    structures), so the soft size of c inside its boxes is bounded from both sides. The size is
+    pooled over the batch per class: ``fill_c = sum p_c(x) / sum 1`` over the voxels ``x`` inside
+    the boxes of c of every valid (sample, class) pair, ``p_c`` the softmax probability of class c.
+    Pooling matters for 2D slices of 3D boxes: a single cross-section near the end of the object is
+    almost empty, but slices drawn uniformly through the box extent fill it, summed, like the 3D
+    object fills the 3D box. Per class with at least one valid pair the penalty is the normalised
+    quadratic of Kervadec's constraint penalty,
+    ``(relu(lower - fill_c) / lower)^2 + (relu(fill_c - upper) / (1 - upper))^2``: 0 inside the
+    bounds, so unlike the presence term it never pushes a class that is already there. Mean over
+    those classes; 0 if none.
+
+    Args:
+        lower: lower bound of the fill, in (0, 1).
+        upper: upper bound of the fill, in (lower, 1]; 1 disables the upper side.
+
+    Forward:
+        logits: (B, C, *spatial) raw scores.
+        box_masks: (B, C-1, *spatial) in {0, 1}: union of the boxes of class k+1 in patch space.
+        valid: optional (B, C-1) bool, e.g. only boxes not cut by the patch border.
+
+    Returns:
+        float32 scalar.
+    """
+
+    def __init__(self, lower: float = 0.08, upper: float = 0.6) -> None:
+        super().__init__()
+        if not 0 < lower < 1 or not lower < upper <= 1:
+            raise ValueError(f"need 0 < lower < upper <= 1 and lower < 1, got lower={lower}, upper={upper}")
+        self.lower, self.upper = float(lower), float(upper)
+
+    def forward(self, logits: Tensor, box_masks: Tensor, valid: Tensor | None = None) -> Tensor:
+        _check_logits(logits)
+        k = logits.shape[1] - 1
+        _check_same(logits, box_masks, "logits", "box_masks", channels=k)
+        with _fp32(logits):
+            p = torch.softmax(logits.float(), dim=1)[:, 1:]
+            inside = box_masks > 0
+            pair_ok = _box_pairs(inside, valid)  # (B, K)
+            w = (inside & pair_ok.view(*pair_ok.shape, *([1] * (inside.ndim - 2)))).float()
+            mass = (p * w).flatten(2).sum(dim=2).sum(dim=0)  # (K,)
+            size = w.flatten(2).sum(dim=2).sum(dim=0)
+            fill = mass / size.clamp_min(1.0)
+            low = (torch.relu(self.lower - fill) / self.lower) ** 2
+            high = torch.relu(fill - self.upper) / (1 - self.upper) if self.upper < 1 else torch.zeros_like(fill)
+            return _masked_mean(low + high ** 2, (size > 0).float())
 
 
 # ------------------------------------------------------------------------ unlabelled / consistency

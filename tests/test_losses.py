@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nnunet_mixsup.losses import (
+    BoxFillLoss,
     BoxPresenceLoss,
     BoxProjectionLoss,
     CertainNegativeLoss,
@@ -403,6 +404,52 @@ def test_box_presence_3d_mixed_batch_mean_over_pairs():
         BoxPresenceLoss()(z, box[:, :, :1])
 
 
+# ========================================================================= BoxFillLoss
+def test_box_fill_hand_values_and_gradient_2d():
+    # C = 2, one 1x4 row; class 1's box covers voxels 0-1. Logits (0, ln(1/9)) -> p_1 = 0.1 in the box
+    # (voxels outside: p_1 ~ 1, must not count). fill = 0.1; bounds (0.2, 0.6): ((0.2 - 0.1) / 0.2)^2 = 0.25
+    z = torch.zeros(1, 2, 1, 4)
+    z[0, 1, 0, :2] = math.log(1 / 9)
+    z[0, 1, 0, 2:] = 20.0
+    box = torch.zeros(1, 1, 1, 4)
+    box[0, 0, 0, :2] = 1
+    loss, g = _grad(lambda x: BoxFillLoss(0.2, 0.6)(x, box), z)
+    assert loss.item() == pytest.approx(0.25, rel=1e-5)
+    # d loss / d p_1(x) = -2 (0.2 - 0.1) / 0.2^2 / 2 voxels = -2.5; d p_1 / d z_1 = p (1 - p) = 0.09
+    assert g[0, 1, 0, 0].item() == pytest.approx(-2.5 * 0.09, rel=1e-4)
+    assert g[0, 0, 0, 0].item() == pytest.approx(2.5 * 0.09, rel=1e-4)
+    assert g[0, :, 0, 2:].abs().max() == 0  # outside the box: no gradient
+    # inside the bounds: exactly 0; above the upper bound: ((0.9 - 0.6) / 0.4)^2
+    z_in = torch.zeros(1, 2, 1, 4)
+    assert BoxFillLoss(0.2, 0.6)(z_in, box).item() == 0
+    z_hi = torch.zeros(1, 2, 1, 4)
+    z_hi[0, 1] = math.log(9)
+    assert BoxFillLoss(0.2, 0.6)(z_hi, box).item() == pytest.approx((0.3 / 0.4) ** 2, rel=1e-5)
+    assert BoxFillLoss(0.2, 1.0)(z_hi, box).item() == 0  # upper side off
+    with pytest.raises(ValueError, match="lower"):
+        BoxFillLoss(0.6, 0.2)
+
+
+def test_box_fill_pools_over_the_batch_per_class_3d():
+    # class 1: sample 0 box of 2 voxels with p_1 = 0, sample 1 box of 2 voxels with p_1 = 1/2:
+    # pooled fill = (0 + 1) / 4 = 0.25 -> inside (0.2, 0.6) -> 0 although sample 0 alone is empty.
+    # class 2: one box of 2 voxels in sample 0 with p_2 = 0 -> (0.2 / 0.2)^2 = 1. Mean over classes = 0.5.
+    z = torch.zeros(2, 3, 2, 1, 1)
+    z[0, 0] = 50.0  # sample 0: background certain
+    z[1, 2] = -50.0  # sample 1: p_0 = p_1 = 1/2
+    box = torch.zeros(2, 2, 2, 1, 1)
+    box[:, 0] = 1
+    box[0, 1] = 1
+    loss, _ = _grad(lambda x: BoxFillLoss(0.2, 0.6)(x, box), z)
+    assert loss.item() == pytest.approx(0.5, rel=1e-5)
+    # ``valid`` drops sample 1's class-1 pair: class 1 pooled fill 0 -> 1, mean 1
+    valid = torch.tensor([[True, True], [False, True]])
+    assert BoxFillLoss(0.2, 0.6)(z, box, valid).item() == pytest.approx(1.0, rel=1e-5)
+    # no valid pair: exactly 0, no gradient
+    l0, g0 = _grad(lambda x: BoxFillLoss()(x, box, torch.zeros(2, 2, dtype=torch.bool)), z)
+    assert l0.item() == 0 and g0.abs().max() == 0
+
+
 # ======================================================================= EntropyLoss
 def test_entropy_hand_values():
     # p = (0.25, 0.75): H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335; / ln 2 = 0.811278
@@ -587,6 +634,7 @@ def _all_losses(spatial: tuple[int, ...]):
                   lambda z: MultiLabelDeepSupervisionLoss(use_soft_dice=True)([z], [(pos, 0 * known)])),
         "box": (lambda z: BoxProjectionLoss()(z, box), lambda z: BoxProjectionLoss()(z, 0 * box)),
         "box_presence": (lambda z: BoxPresenceLoss()(z, box), lambda z: BoxPresenceLoss()(z, 0 * box)),
+        "box_fill": (lambda z: BoxFillLoss()(z, box), lambda z: BoxFillLoss()(z, 0 * box)),
         "entropy": (lambda z: EntropyLoss()(z), lambda z: EntropyLoss()(z, voxel_mask=torch.zeros(b, 1, *spatial))),
         "kl": (lambda z: KLDistillationLoss(2.0)(z, other), lambda z: KLDistillationLoss()(z, other, sample_mask=torch.zeros(b))),
         "dice_agree": (lambda z: SoftDiceAgreementLoss()(z, other),
@@ -595,7 +643,8 @@ def _all_losses(spatial: tuple[int, ...]):
 
 
 @pytest.mark.parametrize("spatial", [(4, 5), (3, 4, 2)])
-@pytest.mark.parametrize("name", ["negative", "ml_ds", "box", "box_presence", "entropy", "kl", "dice_agree"])
+@pytest.mark.parametrize("name", ["negative", "ml_ds", "box", "box_presence", "box_fill", "entropy", "kl",
+                                  "dice_agree"])
 def test_extreme_logits_and_empty_masks(name, spatial):
     fn, empty_fn = _all_losses(spatial)[name]
     g = torch.Generator().manual_seed(14)
@@ -608,7 +657,8 @@ def test_extreme_logits_and_empty_masks(name, spatial):
     assert loss.item() == 0 and grad.abs().max() == 0
 
 
-@pytest.mark.parametrize("name", ["negative", "ml_ds", "box", "box_presence", "entropy", "kl", "dice_agree"])
+@pytest.mark.parametrize("name", ["negative", "ml_ds", "box", "box_presence", "box_fill", "entropy", "kl",
+                                  "dice_agree"])
 def test_autocast_bf16_matches_fp32(name):
     spatial = (4, 4, 4)
     fn, _ = _all_losses(spatial)[name]

@@ -61,3 +61,32 @@ def test_unsure_classes_keep_their_open_voxels_unknown(dim):
     assert (held[0, 0, 4:] == 0).all() and (held[0, 0, 1] == 0).all()  # elsewhere: background as before
     assert (held[0, 0, 0] == 1).all()  # real labels untouched
     assert torch.equal(held[1], seg0[1])  # unselected rows untouched
+
+
+class _Class2InItsBox(torch.nn.Module):
+    """A 'teacher' sure of class 2 on the first half of the first axis, of background elsewhere."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        logits[:, 0] = 10.0
+        logits[:, 2, :3] = 20.0
+        return logits
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_unsure_class_keeps_confident_positives_inside_its_box(dim):
+    shape = (6,) * dim
+    data = torch.zeros(1, 1, *shape)
+    seg0 = torch.full((1, 1, *shape), IGN)
+    allowed = torch.zeros(1, 2, *shape)
+    allowed[:, 1, 2:4] = 1  # class 2's box: rows 2-3; the teacher says class 2 on rows 0-2
+    rows = torch.tensor([True])
+    unsure = torch.tensor([False, True])
+    held = teacher_pseudo_labels(_Class2InItsBox(), data, seg0, allowed, rows, IGN, 0.5, unsure=unsure)
+    assert (held[0, 0, 2:4] == IGN).all()  # default: the whole box stays unknown
+    kept = teacher_pseudo_labels(_Class2InItsBox(), data, seg0, allowed, rows, IGN, 0.5, unsure=unsure,
+                                 keep_unsure_positives=True)
+    assert (kept[0, 0, 2] == 2).all()  # inside the box, where the teacher says class 2: a positive
+    assert (kept[0, 0, 3] == IGN).all()  # inside the box, background by the teacher: still unknown
+    assert (kept[0, 0, :2] == 0).all()  # outside the box class 2 is impossible: background
+    assert (kept[0, 0, 4:] == 0).all()

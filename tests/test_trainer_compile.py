@@ -23,6 +23,8 @@ EXPECTED = {
     "MixSupTrainer_MaskFirst": True,
     "MixSupTrainer_WarmupFirst": True,
     "MixSupTrainer_BoxTerm": True,
+    "MixSupTrainer_BoxFill": True,
+    "MixSupTrainer_BoxFillOnly": True,
 }
 
 

@@ -167,3 +167,21 @@ def test_box_term_auto_uses_presence_for_slices_of_volumes(planned_3d, planned_2
             if hasattr(d, "_finish"):
                 d._finish()
     assert np.isfinite(out["loss"]) and np.isfinite(out["loss_box"])
+
+
+@pytest.mark.parametrize("which,config", [("planned_2d", "2d"), ("planned_3d", "3d_fullres")])
+def test_box_fill_term_only_for_classes_the_teacher_does_not_label(which, config, request, monkeypatch):
+    from nnunet_mixsup.losses import BoxFillLoss
+
+    tr = make_trainer("MixSupTrainer_BoxFill", request.getfixturevalue(which), config, box_fill_bounds=(0.3, 0.9))
+    assert isinstance(tr.box_fill_loss, BoxFillLoss) and tr.box_fill_loss.lower == 0.3  # bounds reach the loss
+    batch = batches(tr, 1)[0]
+    data = batch["data"]
+    target = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
+    seg, allowed = [t[:, :1] for t in target], [t[:, 1:] for t in target]
+    with torch.no_grad():
+        terms = tr.forward_and_loss(data, seg, allowed, batch)
+        assert "fill" in terms and torch.isfinite(terms["fill"])  # weak-label phase: every class is unsure
+        k = len(tr.label_manager.foreground_labels)
+        monkeypatch.setattr(type(tr), "ready_classes", lambda self: [True] * k)
+        assert "fill" not in tr.forward_and_loss(data, seg, allowed, batch)

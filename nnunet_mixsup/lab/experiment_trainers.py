@@ -127,3 +127,29 @@ class MixSupTrainer_BoxTerm(MixSupTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.box_weight = 0.5
+
+
+class MixSupTrainer_BoxFill(MixSupTrainer):
+    """``MixSupTrainer`` with a positive box signal for the classes the teacher does not label.
+
+    Two additions, both only for classes below ``schedule.min_dice`` (every class before the
+    pseudo labels start): the box fill constraint (``box_fill_weight = 1``: the class fills 8-60 %
+    of its boxes, pooled over the batch - Kervadec et al. 2020's size constraint) and the
+    teacher's confident labels of such a class inside its boxes (``unsure_box_positives``). Measures
+    whether the classes the default loses (weak samples teach only "not here" for them) are kept.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.box_fill_weight = 1.0
+        self.unsure_box_positives = True
+
+
+class MixSupTrainer_BoxFillOnly(MixSupTrainer_BoxFill):
+    """Ablation of ``MixSupTrainer_BoxFill``: the fill constraint without the teacher's unsure positives."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsure_box_positives = False

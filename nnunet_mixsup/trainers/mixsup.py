@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_mixsup.data import MixSupDataLoader, record_spatial_axes
 from nnunet_mixsup.losses import (
+    BoxFillLoss,
     BoxPresenceLoss,
     BoxProjectionLoss,
     CertainNegativeLoss,
@@ -200,7 +201,7 @@ def linear_rampup(epoch: int, length: int) -> float:
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
                           rows: torch.Tensor, ignore_label: int, threshold: float, noise_std: float = 0.0,
-                          unsure: torch.Tensor | None = None) -> torch.Tensor:
+                          unsure: torch.Tensor | None = None, keep_unsure_positives: bool = False) -> torch.Tensor:
     """(B, 1, *s) labels: real labels where known; on the ``rows`` samples, the teacher's confident labels elsewhere.
 
     The teacher sees ``data`` + Gaussian noise (``noise_std``); its softmax is constrained by the
@@ -210,7 +211,10 @@ def teacher_pseudo_labels(teacher: nn.Module, data: torch.Tensor, seg0: torch.Te
     (:func:`pseudo_label_map`); other unknown voxels keep the ignore label. ``unsure`` (K,) bool
     marks classes the teacher cannot be trusted with yet: an unknown voxel where such a class may be
     present (its allowed map is 1: inside its boxes, or anywhere if the tags allow it) stays unknown,
-    so the teacher never teaches "not this class" where the weak labels leave it open.
+    so the teacher never teaches "not this class" where the weak labels leave it open. With
+    ``keep_unsure_positives`` such a voxel keeps a confident label *of* an unsure class (the
+    constraint already confines it to that class's boxes or tag-allowed images): box-constrained
+    positives, the only pseudo labels that speak for a class the teacher segments poorly.
 
     The teacher runs on the ``rows`` only where that is cheaper (:func:`batch_subset_pays`). It
     is in eval mode and nnU-Net's networks normalise per sample (instance norm), so a row's
@@ -230,7 +234,11 @@ def teacher_pseudo_labels(teacher: nn.Module, data: torch.Tensor, seg0: torch.Te
     probs = constrain_pseudo_labels(probs, allowed0[idx].float())
     labels = pseudo_label_map(probs, seg0[idx], ignore_label, threshold, rows[idx])
     if unsure is not None and bool(unsure.any()):
-        hold = (allowed0[idx][:, unsure.to(allowed0.device)] > 0).any(1, keepdim=True) & (seg0[idx] == ignore_label)
+        unsure = unsure.to(allowed0.device)
+        hold = (allowed0[idx][:, unsure] > 0).any(1, keepdim=True) & (seg0[idx] == ignore_label)
+        if keep_unsure_positives:
+            for k in unsure.nonzero().flatten().tolist():
+                hold = hold & (labels != k + 1)
         labels = torch.where(hold, torch.full_like(labels, ignore_label), labels)
     pseudo[idx] = labels
     return pseudo
@@ -260,6 +268,7 @@ class MixSupTrainerBase(nnUNetTrainer):
             cross-section of each 3D box, for which the tightness prior is false (the object's
             cross-section is smaller than the box rectangle near its ends) but "the object occurs
             in the rectangle" holds - else tightness.
+        box_fill_bounds: (lower, upper) share of its boxes a class fills, for :meth:`box_fill_term`.
         max_consecutive_bad_steps: non-finite losses are skipped; this many in a row stop training.
 
     Class attributes:
@@ -280,6 +289,7 @@ class MixSupTrainerBase(nnUNetTrainer):
         self.negative_weight = 1.0
         self.mlds_weight = 1.0
         self.box_term = "auto"
+        self.box_fill_bounds = (0.08, 0.6)
         self.max_consecutive_bad_steps = 10
         self.consecutive_bad_steps = 0
         self.supervision: dict[str, CaseSupervision] | None = None
@@ -529,6 +539,7 @@ class MixSupTrainerBase(nnUNetTrainer):
         self.negative_loss = CertainNegativeLoss()
         self.mlds_loss = MultiLabelDeepSupervisionLoss()
         self.box_tightness_loss, self.box_presence_loss = BoxProjectionLoss(), BoxPresenceLoss()
+        self.box_fill_loss = BoxFillLoss(*self.box_fill_bounds)
         self._box_term_resolved: str | None = None
         loss = super()._build_loss()
         self.fullres_loss = loss.loss if hasattr(loss, "loss") else loss  # Dice + CE of one output
@@ -643,6 +654,19 @@ class MixSupTrainerBase(nnUNetTrainer):
             return self.box_presence_loss(logits, allowed0, valid)
         valid = valid & batch["axes_kept"].to(valid.device)[:, None]
         return self.box_tightness_loss(logits, allowed0, valid)
+
+    def box_fill_term(self, logits: torch.Tensor, allowed0: torch.Tensor, batch: dict,
+                      classes: torch.Tensor | None = None) -> torch.Tensor:
+        """The box fill constraint (unweighted, :class:`BoxFillLoss`) on box samples whose box lies inside the patch.
+
+        Holds after rotations too (a rotated box keeps its area and the object in it), so every
+        augmented box sample counts. ``classes``: optional (K,) bool restricting it to those classes.
+        """
+        sup_type = batch["sup_type"].to(logits.device)
+        valid = boxes_inside_patch(allowed0) & (sup_type == TYPE_CODES["box"])[:, None]
+        if classes is not None:
+            valid = valid & classes.to(valid.device)[None, :]
+        return self.box_fill_loss(logits, allowed0, valid)
 
     def resolved_box_term(self) -> str:
         """``box_term`` with ``"auto"`` resolved: presence for 2D patches cut from 3D volumes (cached)."""
@@ -957,6 +981,10 @@ class MixSupTrainer(MixSupTrainerBase):
         entropy_weight, entropy_rampup_epochs: the entropy term and its linear ramp.
         box_weight: weight of the box term for the classes the teacher is not trusted with (all of
             them before the pseudo labels start); 0 (default): no box term.
+        box_fill_weight: weight of the box fill constraint (:meth:`~MixSupTrainerBase.box_fill_term`,
+            bounds ``box_fill_bounds``) for the classes the teacher is not trusted with; 0: off.
+        unsure_box_positives: the teacher's confident labels of classes it is not trusted with are
+            kept inside their boxes (``keep_unsure_positives`` of :func:`teacher_pseudo_labels`).
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -974,7 +1002,9 @@ class MixSupTrainer(MixSupTrainerBase):
         self.entropy_weight = 0.1
         self.entropy_rampup_epochs = 50
         self.box_weight = 0.0
-        self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box")
+        self.box_fill_weight = 0.0
+        self.unsure_box_positives = False
+        self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box", "fill")
         self._loaders_self_training: bool | None = None  # phase the current loaders were built for
         self._kinds_in_dataset: frozenset[str] | None = None
 
@@ -1070,7 +1100,8 @@ class MixSupTrainer(MixSupTrainerBase):
             selected = self.samples_of(batch, self.pseudo_types, data.device)
             pseudo = teacher_pseudo_labels(self.extra_modules["teacher"], data, seg[0], allowed[0], selected,
                                            self.label_manager.ignore_label, self.pseudo_threshold,
-                                           self.teacher_noise_std, unsure=unsure)
+                                           self.teacher_noise_std, unsure=unsure,
+                                           keep_unsure_positives=self.unsure_box_positives)
             data, seg, allowed, pseudo = self.student_view(data, seg, allowed, pseudo, selected)
         else:  # weak-label phase: the weak samples' own labels only
             pseudo = seg[0]
@@ -1087,6 +1118,8 @@ class MixSupTrainer(MixSupTrainerBase):
             terms["entropy"] = self.entropy_weight * entropy_ramp * self.entropy_loss(output[0], sample_mask=unlabelled)
         if self.box_weight > 0 and bool(unsure.any()):
             terms["box"] = self.box_weight * self.box_term_loss(output[0], allowed[0], batch, classes=unsure)
+        if self.box_fill_weight > 0 and bool(unsure.any()):
+            terms["fill"] = self.box_fill_weight * self.box_fill_term(output[0], allowed[0], batch, classes=unsure)
         return terms
 
     def deep_supervised_loss(self, output: list[torch.Tensor], seg: list[torch.Tensor], batch: dict) -> torch.Tensor:
