@@ -24,7 +24,7 @@ EXPECTED = {
     "MixSupTrainer_WarmupFirst": True,
     "MixSupTrainer_BoxTerm": True,
     "MixSupTrainer_BoxFill": True,
-    "MixSupTrainer_BoxFillOnly": True,
+    "MixSupTrainer_BoxPositives": True,
 }
 
 

@@ -146,10 +146,15 @@ class MixSupTrainer_BoxFill(MixSupTrainer):
         self.unsure_box_positives = True
 
 
-class MixSupTrainer_BoxFillOnly(MixSupTrainer_BoxFill):
-    """Ablation of ``MixSupTrainer_BoxFill``: the fill constraint without the teacher's unsure positives."""
+class MixSupTrainer_BoxPositives(MixSupTrainer):
+    """``MixSupTrainer`` keeping the teacher's confident labels of untrusted classes inside their boxes.
+
+    ``unsure_box_positives``: a class below ``schedule.min_dice`` gets pseudo labels where the
+    teacher, constrained by the boxes, is confident it is there; the rest of its boxes stays
+    unknown. The only difference to the default; no fill term.
+    """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unsure_box_positives = False
+        self.unsure_box_positives = True

@@ -1,7 +1,7 @@
 """Re-exports of the experiment-only trainers for ``nnUNet_extTrainer`` (added by ``nnunet-mixsup benchmark``)."""
 from nnunet_mixsup.lab.experiment_trainers import (  # noqa: F401
     MixSupTrainer_BoxFill,
-    MixSupTrainer_BoxFillOnly,
+    MixSupTrainer_BoxPositives,
     MixSupTrainer_BoxTerm,
     MixSupTrainer_MaskFirst,
     MixSupTrainer_MaskOnly2x,
