@@ -383,6 +383,12 @@ class MultiLabelDeepSupervisionLoss(nn.Module):
 
 
 # ------------------------------------------------------------------------------ box projection
+def _check_box_args(logits: Tensor, box_masks: Tensor) -> None:
+    """``logits`` (B, C, *s) with C >= 2 and ``box_masks`` (B, C-1, *s), else ValueError."""
+    _check_logits(logits)
+    _check_same(logits, box_masks, "logits", "box_masks", channels=logits.shape[1] - 1)
+
+
 def _box_pairs(inside: Tensor, valid: Tensor | None) -> Tensor:
     """(B, K) bool: (sample, class) pairs whose box mask ``inside`` (B, K, *s) is non-empty, and ``valid``."""
     pair_ok = inside.flatten(2).any(dim=2)
@@ -434,9 +440,7 @@ class BoxProjectionLoss(nn.Module):
         self.projection = projection
 
     def forward(self, logits: Tensor, box_masks: Tensor, valid: Tensor | None = None) -> Tensor:
-        _check_logits(logits)
-        k = logits.shape[1] - 1
-        _check_same(logits, box_masks, "logits", "box_masks", channels=k)
+        _check_box_args(logits, box_masks)
         spatial = list(range(2, logits.ndim))
         with _fp32(logits):
             p = torch.softmax(logits.float(), dim=1)[:, 1:]
@@ -477,9 +481,7 @@ class BoxPresenceLoss(nn.Module):
     """
 
     def forward(self, logits: Tensor, box_masks: Tensor, valid: Tensor | None = None) -> Tensor:
-        _check_logits(logits)
-        k = logits.shape[1] - 1
-        _check_same(logits, box_masks, "logits", "box_masks", channels=k)
+        _check_box_args(logits, box_masks)
         with _fp32(logits):
             logp = torch.log_softmax(logits.float(), dim=1)[:, 1:]
             inside = box_masks > 0
@@ -524,9 +526,7 @@ class BoxFillLoss(nn.Module):
         self.lower, self.upper = float(lower), float(upper)
 
     def forward(self, logits: Tensor, box_masks: Tensor, valid: Tensor | None = None) -> Tensor:
-        _check_logits(logits)
-        k = logits.shape[1] - 1
-        _check_same(logits, box_masks, "logits", "box_masks", channels=k)
+        _check_box_args(logits, box_masks)
         with _fp32(logits):
             p = torch.softmax(logits.float(), dim=1)[:, 1:]
             inside = box_masks > 0
