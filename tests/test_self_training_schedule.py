@@ -90,3 +90,23 @@ def test_unsure_class_keeps_confident_positives_inside_its_box(dim):
     assert (kept[0, 0, 3] == IGN).all()  # inside the box, background by the teacher: still unknown
     assert (kept[0, 0, :2] == 0).all()  # outside the box class 2 is impossible: background
     assert (kept[0, 0, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_without_classes_removes_them_from_the_softmax(dim):
+    from nnunet_mixsup.losses import KnownVoxelCrossEntropyLoss
+    from nnunet_mixsup.trainers.mixsup import without_classes
+
+    z = torch.randn(2, 4, *(3,) * dim, requires_grad=True)
+    off = torch.tensor([False, True, False])  # class 2 out
+    masked = without_classes(z, off)
+    p = torch.softmax(masked.float(), 1)
+    assert p[:, 2].max() == 0
+    ref = torch.softmax(z[:, [0, 1, 3]].detach(), 1)  # softmax over the remaining classes
+    assert torch.allclose(p[:, [0, 1, 3]], ref, atol=1e-6)
+    target = torch.zeros(2, 1, *(3,) * dim)  # known background everywhere
+    KnownVoxelCrossEntropyLoss(IGN)(masked, target).backward()
+    assert z.grad[:, 2].abs().max() == 0 and z.grad[:, 1].abs().max() > 0
+    assert without_classes(z, torch.zeros(3, dtype=torch.bool)) is z and without_classes(z, None) is z
+    half = without_classes(z.detach().half(), off)
+    assert torch.isfinite(half).all() and half.dtype == torch.float16

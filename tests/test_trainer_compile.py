@@ -25,6 +25,7 @@ EXPECTED = {
     "MixSupTrainer_BoxTerm": True,
     "MixSupTrainer_BoxFill": True,
     "MixSupTrainer_BoxPositives": True,
+    "MixSupTrainer_WeakPerClass": True,
 }
 
 

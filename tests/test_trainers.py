@@ -185,3 +185,30 @@ def test_box_fill_term_only_for_classes_the_teacher_does_not_label(which, config
         k = len(tr.label_manager.foreground_labels)
         monkeypatch.setattr(type(tr), "ready_classes", lambda self: [True] * k)
         assert "fill" not in tr.forward_and_loss(data, seg, allowed, batch)
+
+
+def test_weak_labels_per_class_leave_unlearned_classes_to_the_masks(planned_2d, monkeypatch):
+    tr = make_trainer("MixSupTrainer_WeakPerClass", planned_2d, "2d")
+    k = len(tr.label_manager.foreground_labels)
+    log = tr.logger.local_logger.my_fantastic_logging
+    log["dice_per_class_or_region"] = [[0.1] * k, [0.3] + [0.1] * (k - 1), [float("nan")] * k]
+    tr.current_epoch = 1
+    assert tr.weak_label_classes() == [False] * k  # epoch 1 sees only epoch 0's Dice
+    tr.current_epoch = 3
+    assert tr.weak_label_classes() == [True] + [False] * (k - 1)  # class 1 reached 0.2 at epoch 1; NaN never
+    tr.weak_labels_min_dice = None
+    assert tr.weak_label_classes() == [True] * k
+    # every class unlearned: the weak samples add nothing, the step is nnU-Net's loss on the mask samples
+    tr.weak_labels_min_dice = 0.2
+    log["dice_per_class_or_region"] = []
+    tr.current_epoch = 0
+    batch = batches(tr, 1)[0]
+    target = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
+    seg, allowed = [t[:, :1] for t in target], [t[:, 1:] for t in target]
+    is_mask = batch["sup_type"] == 0
+    assert bool(is_mask.any()) and bool((~is_mask).any())
+    with torch.no_grad():
+        terms = tr.forward_and_loss(batch["data"], seg, allowed, batch)
+        mask_only = tr.rows_loss(tr.loss, list(tr.network(batch["data"])), seg, is_mask)
+    assert terms["negatives"].item() == 0 and terms["mlds"].item() == 0
+    assert terms["supervised"].item() == pytest.approx(mask_only.item(), rel=1e-5, abs=1e-6)

@@ -161,3 +161,18 @@ class MixSupTrainer_BoxPositives(MixSupTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsure_box_positives = True
+
+
+class MixSupTrainer_WeakPerClass(MixSupTrainer):
+    """``MixSupTrainer`` whose weak samples speak for a class only once the mask cases have taught it.
+
+    ``weak_labels_min_dice = 0.2``: until class c's validation pseudo Dice first reaches 0.2 the
+    weak samples' terms (known background, certain negatives, multi-label deep supervision, pseudo
+    labels) leave class c out of the softmax, so it learns from the mask cases as in stock nnU-Net.
+    Measures whether that keeps the thin INIA19 structures the default loses (``docs/inia19.md``).
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.weak_labels_min_dice = 0.2

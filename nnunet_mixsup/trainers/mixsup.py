@@ -156,6 +156,18 @@ def as_list(output) -> list[torch.Tensor]:
     return list(output) if isinstance(output, (list, tuple)) else [output]
 
 
+def without_classes(logits: torch.Tensor, off: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` (B, C, *s) with the foreground classes ``off`` (K,) bool pushed out of the softmax.
+
+    Their channels are set to -1e4 (finite in float16 too), so a softmax-based loss on the result
+    neither scores nor moves them: their probability is 0 and their gradient is exactly 0.
+    """
+    if off is None or not bool(off.any()):
+        return logits
+    chans = torch.cat([torch.zeros(1, dtype=torch.bool, device=off.device), off]).to(logits.device)
+    return logits.masked_fill(chans.view(1, -1, *([1] * (logits.ndim - 2))), -1e4)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module inside DDP and/or torch.compile wrappers."""
     if isinstance(module, DDP):
@@ -570,7 +582,7 @@ class MixSupTrainerBase(nnUNetTrainer):
         """
         return loss_on_rows(loss_fn, output, target, rows, self.label_manager.ignore_label)
 
-    def supervised_loss(self, loss_fn, output, target, batch: dict) -> torch.Tensor:
+    def supervised_loss(self, loss_fn, output, target, batch: dict, weak_output=None) -> torch.Tensor:
         """nnU-Net's loss (``loss_fn``) on the mask samples + known-voxel CE on the weak samples.
 
         nnU-Net's CE is a mean over every annotated voxel of the batch and its batch Dice sums over
@@ -581,8 +593,10 @@ class MixSupTrainerBase(nnUNetTrainer):
         (:class:`KnownVoxelCrossEntropyLoss`, times ``weak_supervised_weight``; deep-supervision
         outputs weighted like nnU-Net's): their known voxels are certain background, where a Dice
         term is degenerate. ``output`` / ``target``: a tensor or a list over deep-supervision
-        scales (as ``loss_fn`` takes them).
+        scales (as ``loss_fn`` takes them). ``weak_output``: what the weak samples' term sees
+        instead of ``output`` (e.g. :func:`without_classes`), same structure.
         """
+        weak_output = output if weak_output is None else weak_output
         if self.label_manager.ignore_label is None:  # every case is a mask case
             return loss_fn(output, target)
         many = isinstance(target, (list, tuple))
@@ -592,13 +606,13 @@ class MixSupTrainerBase(nnUNetTrainer):
         if many:
             weights = self.deep_supervision_weights(len(output))
             weak_part = sum(w * self.weak_ce(o, self.only(~is_mask, t))
-                            for w, o, t in zip(weights, output, target) if w > 0)
+                            for w, o, t in zip(weights, weak_output, target) if w > 0)
         else:
-            weak_part = self.weak_ce(output, self.only(~is_mask, target))
+            weak_part = self.weak_ce(weak_output, self.only(~is_mask, target))
         return mask_part + self.weak_supervised_weight * weak_part
 
     def mlds_term(self, output: list[torch.Tensor], seg0: torch.Tensor, allowed0: torch.Tensor,
-                  rows: torch.Tensor | None = None) -> torch.Tensor:
+                  rows: torch.Tensor | None = None, off: torch.Tensor | None = None) -> torch.Tensor:
         """Multi-label deep supervision (Reiss et al., CVPR 2021) at the coarse outputs, times ``mlds_weight``.
 
         Every coarse output voxel gets the *set* of classes in its block of the full-resolution
@@ -607,7 +621,8 @@ class MixSupTrainerBase(nnUNetTrainer):
         kernel = stride = that output's cumulative pooling (anisotropic where the plans are);
         sigmoid + BCE per class, masked where unknown, with nnU-Net's coarse scale weights.
         ``rows`` (B,) bool restricts it to those samples (the others become all-unknown); 0 when
-        there is no coarse output or no selected sample.
+        there is no coarse output or no selected sample. ``off`` (K,) bool: foreground classes
+        that get no target at all (unknown everywhere), and then background neither.
         """
         weights = self.deep_supervision_weights(len(output))[1:]
         if not weights or sum(weights) == 0 or (rows is not None and not bool(rows.any())):
@@ -617,6 +632,10 @@ class MixSupTrainerBase(nnUNetTrainer):
             seg0 = self.only(rows, seg0)
             allowed0 = torch.where(keep, allowed0, torch.ones_like(allowed0))
         pos, known = labels_to_pos_known(seg0, allowed0, output[0].shape[1], self.label_manager.ignore_label)
+        if off is not None and bool(off.any()):
+            keep = torch.cat([torch.zeros(1, dtype=torch.bool, device=off.device), ~off]).to(known.device)
+            keep = keep.view(1, -1, *([1] * (known.ndim - 2))).float()
+            pos, known = pos * keep, known * keep  # a pooled positive counts as known: clear both
         pools = self.cumulative_pooling()
         targets = [multilabel_pooled_targets(pos, known, pools[i]) for i in range(1, len(output))]
         self.mlds_loss.weights = weights
@@ -985,6 +1004,11 @@ class MixSupTrainer(MixSupTrainerBase):
             bounds ``box_fill_bounds``) for the classes the teacher is not trusted with; 0: off.
         unsure_box_positives: the teacher's confident labels of classes it is not trusted with are
             kept inside their boxes (``keep_unsure_positives`` of :func:`teacher_pseudo_labels`).
+        weak_labels_min_dice: None (default): the weak samples' labels speak for every class from
+            the start. A number: for class c only from the epoch after its validation pseudo Dice
+            first reached it (:meth:`weak_label_classes`); before, the weak samples' terms neither
+            score nor move class c (:func:`without_classes`), so a class the mask cases have not
+            taught yet learns as in stock nnU-Net instead of meeting "not here" only.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -1004,6 +1028,7 @@ class MixSupTrainer(MixSupTrainerBase):
         self.box_weight = 0.0
         self.box_fill_weight = 0.0
         self.unsure_box_positives = False
+        self.weak_labels_min_dice: float | None = None
         self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box", "fill")
         self._loaders_self_training: bool | None = None  # phase the current loaders were built for
         self._kinds_in_dataset: frozenset[str] | None = None
@@ -1025,6 +1050,18 @@ class MixSupTrainer(MixSupTrainerBase):
     def pseudo_ramp(self) -> float:
         """The schedule's ramp of the pseudo-label term at ``current_epoch``."""
         return self.schedule.ramp(self._dice_history(), self.current_epoch, self.num_epochs)
+
+    def weak_label_classes(self) -> list[bool]:
+        """Per foreground class: whether the weak samples' labels speak for it at ``current_epoch``.
+
+        Every class without ``weak_labels_min_dice``; else class c once a logged validation pseudo
+        Dice of an earlier epoch reached it (NaN never does). From the log, so ``--c`` resumes it.
+        """
+        k = len(self.label_manager.foreground_labels)
+        if self.weak_labels_min_dice is None:
+            return [True] * k
+        history = self._dice_history()[:self.current_epoch]
+        return [any(c < len(h) and bool(h[c] >= self.weak_labels_min_dice) for h in history) for c in range(k)]
 
     def _dice_history(self) -> list:
         return self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region", [])
@@ -1106,11 +1143,13 @@ class MixSupTrainer(MixSupTrainerBase):
         else:  # weak-label phase: the weak samples' own labels only
             pseudo = seg[0]
         output = as_list(self.network(data))
-        terms = {"supervised": self.deep_supervised_loss(output, seg, batch)}
-        terms["negatives"] = self.negatives_term(output[0], allowed[0], rows=weak)
-        terms["mlds"] = self.mlds_term(output, pseudo, allowed[0], rows=weak)
+        off = ~torch.tensor(self.weak_label_classes(), device=data.device)
+        weak_out = [without_classes(o, off) for o in output]  # the weak samples' terms skip unlearned classes
+        terms = {"supervised": self.deep_supervised_loss(output, seg, batch, weak_output=weak_out)}
+        terms["negatives"] = self.negatives_term(weak_out[0], allowed[0], rows=weak)
+        terms["mlds"] = self.mlds_term(output, pseudo, allowed[0], rows=weak, off=off)
         if ramp > 0:
-            terms["pseudo"] = ramp * self.pseudo_weight * self.rows_loss(self.fullres_loss, output[0], pseudo,
+            terms["pseudo"] = ramp * self.pseudo_weight * self.rows_loss(self.fullres_loss, weak_out[0], pseudo,
                                                                          selected)
         unlabelled = sup_type == TYPE_CODES["none"]
         entropy_ramp = linear_rampup(self.current_epoch, self.entropy_rampup_epochs)
@@ -1122,11 +1161,13 @@ class MixSupTrainer(MixSupTrainerBase):
             terms["fill"] = self.box_fill_weight * self.box_fill_term(output[0], allowed[0], batch, classes=unsure)
         return terms
 
-    def deep_supervised_loss(self, output: list[torch.Tensor], seg: list[torch.Tensor], batch: dict) -> torch.Tensor:
+    def deep_supervised_loss(self, output: list[torch.Tensor], seg: list[torch.Tensor], batch: dict,
+                             weak_output: list[torch.Tensor] | None = None) -> torch.Tensor:
         """:meth:`supervised_loss` with nnU-Net's own loss: every deep-supervision output if enabled, else the one."""
+        weak_output = output if weak_output is None else weak_output
         if self.enable_deep_supervision:
-            return self.supervised_loss(self.loss, output, seg, batch)
-        return self.supervised_loss(self.loss, output[0], seg[0], batch)
+            return self.supervised_loss(self.loss, output, seg, batch, weak_output=weak_output)
+        return self.supervised_loss(self.loss, output[0], seg[0], batch, weak_output=weak_output[0])
 
     def student_view(self, data: torch.Tensor, seg: list[torch.Tensor], allowed: list[torch.Tensor],
                      pseudo: torch.Tensor, selected: torch.Tensor):

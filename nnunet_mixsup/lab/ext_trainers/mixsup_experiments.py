@@ -8,4 +8,5 @@ from nnunet_mixsup.lab.experiment_trainers import (  # noqa: F401
     MixSupTrainer_StrongView,
     MixSupTrainer_StrongViewAddWeak,
     MixSupTrainer_WarmupFirst,
+    MixSupTrainer_WeakPerClass,
 )
