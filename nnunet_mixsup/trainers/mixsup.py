@@ -156,6 +156,12 @@ def as_list(output) -> list[torch.Tensor]:
     return list(output) if isinstance(output, (list, tuple)) else [output]
 
 
+def class_channels(off: torch.Tensor, ndim: int, device: torch.device, background: bool = False) -> torch.Tensor:
+    """(1, C, 1, ...) bool over the C channels: the foreground classes ``off`` (K,) bool, and background if asked."""
+    chans = torch.cat([torch.tensor([background], device=off.device), off.bool()]).to(device)
+    return chans.view(1, -1, *([1] * (ndim - 2)))
+
+
 def without_classes(logits: torch.Tensor, off: torch.Tensor | None) -> torch.Tensor:
     """``logits`` (B, C, *s) with the foreground classes ``off`` (K,) bool pushed out of the softmax.
 
@@ -164,8 +170,7 @@ def without_classes(logits: torch.Tensor, off: torch.Tensor | None) -> torch.Ten
     """
     if off is None or not bool(off.any()):
         return logits
-    chans = torch.cat([torch.zeros(1, dtype=torch.bool, device=off.device), off]).to(logits.device)
-    return logits.masked_fill(chans.view(1, -1, *([1] * (logits.ndim - 2))), -1e4)
+    return logits.masked_fill(class_channels(off, logits.ndim, logits.device), -1e4)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -633,8 +638,7 @@ class MixSupTrainerBase(nnUNetTrainer):
             allowed0 = torch.where(keep, allowed0, torch.ones_like(allowed0))
         pos, known = labels_to_pos_known(seg0, allowed0, output[0].shape[1], self.label_manager.ignore_label)
         if off is not None and bool(off.any()):
-            keep = torch.cat([torch.zeros(1, dtype=torch.bool, device=off.device), ~off]).to(known.device)
-            keep = keep.view(1, -1, *([1] * (known.ndim - 2))).float()
+            keep = (~class_channels(off, known.ndim, known.device, background=True)).float()
             pos, known = pos * keep, known * keep  # a pooled positive counts as known: clear both
         pools = self.cumulative_pooling()
         targets = [multilabel_pooled_targets(pos, known, pools[i]) for i in range(1, len(output))]
@@ -665,10 +669,7 @@ class MixSupTrainerBase(nnUNetTrainer):
         ``classes``: optional (K,) bool restricting the term to those classes. ``logits`` (B, C, *s),
         ``allowed0`` (B, K, *s) (for box samples: the union of the boxes of each class).
         """
-        sup_type = batch["sup_type"].to(logits.device)
-        valid = boxes_inside_patch(allowed0) & (sup_type == TYPE_CODES["box"])[:, None]
-        if classes is not None:
-            valid = valid & classes.to(valid.device)[None, :]
+        valid = self.box_pairs_in_patch(allowed0, batch, classes)
         if self.resolved_box_term() == "presence":
             return self.box_presence_loss(logits, allowed0, valid)
         valid = valid & batch["axes_kept"].to(valid.device)[:, None]
@@ -681,11 +682,13 @@ class MixSupTrainerBase(nnUNetTrainer):
         Holds after rotations too (a rotated box keeps its area and the object in it), so every
         augmented box sample counts. ``classes``: optional (K,) bool restricting it to those classes.
         """
-        sup_type = batch["sup_type"].to(logits.device)
-        valid = boxes_inside_patch(allowed0) & (sup_type == TYPE_CODES["box"])[:, None]
-        if classes is not None:
-            valid = valid & classes.to(valid.device)[None, :]
-        return self.box_fill_loss(logits, allowed0, valid)
+        return self.box_fill_loss(logits, allowed0, self.box_pairs_in_patch(allowed0, batch, classes))
+
+    def box_pairs_in_patch(self, allowed0: torch.Tensor, batch: dict, classes: torch.Tensor | None) -> torch.Tensor:
+        """(B, K) bool: box samples' classes whose box lies inside the patch, restricted to ``classes`` (K,) if given."""
+        is_box = batch["sup_type"].to(allowed0.device) == TYPE_CODES["box"]
+        valid = boxes_inside_patch(allowed0) & is_box[:, None]
+        return valid if classes is None else valid & classes.to(valid.device)[None, :]
 
     def resolved_box_term(self) -> str:
         """``box_term`` with ``"auto"`` resolved: presence for 2D patches cut from 3D volumes (cached)."""
