@@ -110,3 +110,13 @@ def test_without_classes_removes_them_from_the_softmax(dim):
     assert without_classes(z, torch.zeros(3, dtype=torch.bool)) is z and without_classes(z, None) is z
     half = without_classes(z.detach().half(), off)
     assert torch.isfinite(half).all() and half.dtype == torch.float16
+
+
+def test_first_epochs_reaching_acts_one_epoch_after_the_log_and_ignores_nan():
+    from nnunet_mixsup.trainers.mixsup import first_epochs_reaching
+
+    nan = float("nan")
+    hist = [[0.1, nan, 0.0], [0.25, nan, 0.19], [0.1, nan, 0.2]]
+    assert first_epochs_reaching(hist, 0.2, 3) == [2, None, 3]  # class 1 dropping again stays on
+    assert first_epochs_reaching([], 0.2, 2) == [None, None]
+    assert first_epochs_reaching([[0.5]], 0.2, 2) == [1, None]  # a short row (fewer classes logged)

@@ -196,8 +196,13 @@ def test_weak_labels_per_class_leave_unlearned_classes_to_the_masks(planned_2d, 
     assert tr.weak_label_classes() == [False] * k  # epoch 1 sees only epoch 0's Dice
     tr.current_epoch = 3
     assert tr.weak_label_classes() == [True] + [False] * (k - 1)  # class 1 reached 0.2 at epoch 1; NaN never
+    assert tr.weak_label_start_epochs() == [2] + [None] * (k - 1)
+    tr.num_epochs = 10
+    report = tr.weak_label_report()
+    names = tr.class_names()
+    assert f"{names[0]} from epoch 2" in report and f"{names[1]} never (best 0.10)" in report
     tr.weak_labels_min_dice = None
-    assert tr.weak_label_classes() == [True] * k
+    assert tr.weak_label_classes() == [True] * k and tr.weak_label_report() == ""
     # every class unlearned: the weak samples add nothing, the step is nnU-Net's loss on the mask samples
     tr.weak_labels_min_dice = 0.2
     log["dice_per_class_or_region"] = []

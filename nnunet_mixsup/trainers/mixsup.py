@@ -215,6 +215,21 @@ def linear_rampup(epoch: int, length: int) -> float:
     return 1.0 if length <= 0 else min(1.0, (epoch + 1) / length)
 
 
+def first_epochs_reaching(dice_history: Sequence[Sequence[float]], threshold: float,
+                          n_classes: int) -> list[int | None]:
+    """Per class: one plus the first epoch whose logged validation Dice reached ``threshold`` (None: never).
+
+    The Dice of epoch e is logged at its end, so e + 1 is the first epoch that can act on it. NaN
+    (class absent from every validation case) never counts.
+    """
+    starts: list[int | None] = [None] * n_classes
+    for e, h in enumerate(dice_history):
+        for c in range(min(n_classes, len(h))):
+            if starts[c] is None and bool(h[c] >= threshold):
+                starts[c] = e + 1
+    return starts
+
+
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
                           rows: torch.Tensor, ignore_label: int, threshold: float, noise_std: float = 0.0,
@@ -1060,11 +1075,19 @@ class MixSupTrainer(MixSupTrainerBase):
         Every class without ``weak_labels_min_dice``; else class c once a logged validation pseudo
         Dice of an earlier epoch reached it (NaN never does). From the log, so ``--c`` resumes it.
         """
+        starts = self.weak_label_start_epochs()
+        return [s is not None and s <= self.current_epoch for s in starts]
+
+    def weak_label_start_epochs(self) -> list[int | None]:
+        """Per foreground class: the epoch from which the weak samples' labels speak for it (None: not yet).
+
+        0 for every class without ``weak_labels_min_dice``; else the epoch after the first logged
+        validation pseudo Dice >= ``weak_labels_min_dice`` (:func:`first_epochs_reaching`).
+        """
         k = len(self.label_manager.foreground_labels)
         if self.weak_labels_min_dice is None:
-            return [True] * k
-        history = self._dice_history()[:self.current_epoch]
-        return [any(c < len(h) and bool(h[c] >= self.weak_labels_min_dice) for h in history) for c in range(k)]
+            return [0] * k
+        return first_epochs_reaching(self._dice_history(), self.weak_labels_min_dice, k)
 
     def _dice_history(self) -> list:
         return self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region", [])
@@ -1112,6 +1135,11 @@ class MixSupTrainer(MixSupTrainerBase):
         return loaders
 
     def on_epoch_start(self):
+        if self.weak_labels_min_dice is not None and self.label_manager.ignore_label is not None:
+            now = [n for n, s in zip(self.class_names(), self.weak_label_start_epochs()) if s == self.current_epoch]
+            if now and self.current_epoch > 0:
+                self.print_to_log_file(f"epoch {self.current_epoch}: the weak labels now speak for {', '.join(now)} "
+                                       f"(validation pseudo Dice reached {self.weak_labels_min_dice})")
         if self._loaders_self_training is False and self.self_training_start() is not None:
             ready = [n for n, r in zip(self.class_names(), self.ready_classes()) if r]
             self.print_to_log_file(f"epoch {self.current_epoch}: self-training starts; the teacher labels "
@@ -1187,9 +1215,25 @@ class MixSupTrainer(MixSupTrainerBase):
     # -------------------------------------------------------------------------------- report
     def schedule_report(self) -> str:
         """:meth:`SelfTrainingSchedule.report` for this run (log and plot at the end of training)."""
-        return self.schedule.report(self._dice_history(), min(self.current_epoch, self.num_epochs - 1),
-                                    self.num_epochs, self.class_names(),
-                                    weak_kinds_from_start=self.weak_kinds_present_from_start())
+        msg = self.schedule.report(self._dice_history(), min(self.current_epoch, self.num_epochs - 1),
+                                   self.num_epochs, self.class_names(),
+                                   weak_kinds_from_start=self.weak_kinds_present_from_start())
+        return msg + self.weak_label_report()
+
+    def weak_label_report(self) -> str:
+        """With ``weak_labels_min_dice``: from which epoch the weak labels spoke for each class ('' without)."""
+        if self.weak_labels_min_dice is None or not self.weak_kinds_present_from_start():
+            return ""
+        history = self._dice_history()
+        parts = []
+        for c, (name, start) in enumerate(zip(self.class_names(), self.weak_label_start_epochs())):
+            if start is not None and start <= self.num_epochs - 1:
+                parts.append(f"{name} from epoch {start}")
+                continue
+            logged = [float(h[c]) for h in history if c < len(h) and not np.isnan(h[c])]
+            parts.append(f"{name} never ({f'best {max(logged):.2f}' if logged else 'no Dice logged'})")
+        return (f"; weak labels per class (once validation pseudo Dice reached {self.weak_labels_min_dice}): "
+                + ", ".join(parts))
 
     def on_train_end(self):
         if self.local_rank == 0 and self.label_manager.ignore_label is not None:
