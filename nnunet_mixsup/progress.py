@@ -7,6 +7,7 @@ epoch (a resumed run starts the bar where it left off).
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def console_script(name: str) -> str:
 
 
 def run_logged(cmd: Sequence[str], env: Mapping[str, str], log: Path, desc: str | None = None,
-               total_epochs: int | None = None) -> int:
+               total_epochs: int | None = None, cpus: Sequence[int] | None = None) -> int:
     """Run ``cmd``; append its stdout and stderr to ``log``; return its exit code.
 
     Args:
@@ -38,6 +39,7 @@ def run_logged(cmd: Sequence[str], env: Mapping[str, str], log: Path, desc: str 
         log: the log file (appended to; its folder must exist).
         desc: label of an epoch progress bar on stderr; no bar when None.
         total_epochs: the bar's length (nnU-Net's ``num_epochs``), if known.
+        cpus: pin the command (and the processes it starts later) to these cores (Linux); None: no pinning.
     """
     with open(log, "a", encoding="utf-8") as f, \
             tqdm(total=total_epochs, desc=desc, unit="epoch", disable=desc is None, file=sys.stderr,
@@ -45,6 +47,8 @@ def run_logged(cmd: Sequence[str], env: Mapping[str, str], log: Path, desc: str 
         proc = subprocess.Popen([str(c) for c in cmd], env=dict(env), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
         assert proc.stdout is not None
+        if cpus and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(proc.pid, set(cpus))  # before it imports torch or starts any worker
         for line in proc.stdout:
             f.write(line)
             m = EPOCH_LINE.search(line)

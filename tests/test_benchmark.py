@@ -383,13 +383,87 @@ def test_cli_fails_early_with_a_message(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+def test_parallel_slots_split_the_cores_and_cap_torch_threads_on_the_cpu():
+    from nnunet_mixsup.lab.benchmark.runner import parallel_slots
+
+    slots = parallel_slots(2, "cpu", [5, 0, 1, 2, 3])
+    assert [s.cpus for s in slots] == [(0, 1), (2, 3)]  # equal shares in core order, the odd core unused
+    assert [s.env for s in slots] == [{"nnUNet_mixsup_torch_threads": "2"}] * 2 and slots[1].cpu_list == "2,3"
+    assert parallel_slots(1, "cuda", [0, 1])[0].env == {}  # GPU runs: torch threads are nnU-Net's business
+    with pytest.raises(BenchmarkError, match="only 2 core"):
+        parallel_slots(3, "cpu", [0, 1])
+    with pytest.raises(BenchmarkError, match="--parallel must be >= 1"):
+        _cfg("--parallel", "0")
+    assert _cfg().parallel == 1 and _cfg("--parallel", "2").parallel == 2
+
+
+def test_session_run_in_a_slot_pins_the_command_and_records_the_same_shell_line(tmp_path):
+    import os
+    import sys
+
+    from nnunet_mixsup.lab.benchmark.runner import Session, Slot
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("core pinning needs Linux")
+    core = min(os.sched_getaffinity(0))
+    session = Session(tmp_path, dict(os.environ), [])
+    slot = Slot(0, (core,), {"nnUNet_mixsup_torch_threads": "1"})
+    code = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['nnUNet_mixsup_torch_threads'])"
+    session.run([sys.executable, "-c", code], "probe", "probe", epochs=3, slot=slot)
+    assert f"[{core}] 1" in (tmp_path / "logs" / "probe.log").read_text()
+    line = (tmp_path / "commands.sh").read_text().splitlines()[-1]
+    assert line.startswith(f"nnUNet_mixsup_torch_threads=1 taskset -c {core} ")
+
+
+def test_parallel_runs_keep_the_run_order_and_start_nothing_after_a_failure(tmp_path, monkeypatch):
+    import threading
+
+    from nnunet_mixsup.lab.benchmark import runner
+
+    started, active, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def fake_do_run(run, label, session, cfg, dense, res, device, signature, slot=None):
+        with lock:
+            started.append(run.key)
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2 if run.key != "bad" else 0.05)
+        with lock:
+            active[0] -= 1
+        if run.key == "bad":
+            raise BenchmarkError("bad broke")
+        return {"key": run.key, "cores": slot.cpus}
+
+    monkeypatch.setattr(runner, "_do_run", fake_do_run)
+    monkeypatch.setattr(runner, "parallel_slots", lambda n, device: [runner.Slot(i, (i,), {}) for i in range(n)])
+    session = runner.Session(tmp_path, {}, [])
+    cfg = _cfg("--parallel", "2")
+    runs = [runner.Run(f"r{i}", "0.1", 0, "x", "x", 1, "D", 0, {}, 1) for i in range(4)]
+    out = runner._do_runs_parallel(runs, [r.key for r in runs], session, cfg, None, tmp_path, "cpu", "sig")
+    assert [o["key"] for o in out] == ["r0", "r1", "r2", "r3"] and most[0] == 2  # two at a time, results in order
+    assert {o["cores"] for o in out} == {(0,), (1,)}
+
+    started.clear()
+    runs = [runner.Run(k, "0.1", 0, "x", "x", 1, "D", 0, {}, 1) for k in ("bad", "r0", "r1", "r3", "r4")]
+    with pytest.raises(BenchmarkError, match="bad broke"):
+        runner._do_runs_parallel(runs, [r.key for r in runs], session, cfg, None, tmp_path, "cpu", "sig")
+    assert sorted(started) == ["bad", "r0"]  # failed while r0 ran: r1, r3, r4 never started, r0 finished
+
+
+def _two_cores_or_one() -> int:
+    import os
+
+    return min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_end_to_end_and_resume(tmp_path, capsys):
     make_synthetic_dataset(tmp_path / "nnUNet_raw", 961, name="Dense", dim=2, counts={"mask": 6}, n_test=2, seed=3)
     argv = ["benchmark", "-d", "961", "--workdir", str(tmp_path), "--masks", "2", "--seeds", "0",
             "--trainers", "MixSupTrainer", "--epochs", "1", "--iterations", "2", "-c", "2d",
             "--max-features", "16", "--base-features", "4", "--batch-size", "2", "-np", "1", "--device", "cpu",
-            "--id-base", "700"]
+            "--id-base", "700", "--parallel", str(_two_cores_or_one())]
     t0 = time.time()
     assert main(argv) == 0, capsys.readouterr().err
     first = time.time() - t0

@@ -217,3 +217,29 @@ def test_weak_labels_per_class_leave_unlearned_classes_to_the_masks(planned_2d, 
         mask_only = tr.rows_loss(tr.loss, list(tr.network(batch["data"])), seg, is_mask)
     assert terms["negatives"].item() == 0 and terms["mlds"].item() == 0
     assert terms["supervised"].item() == pytest.approx(mask_only.item(), rel=1e-5, abs=1e-6)
+
+
+def test_env_budget_and_torch_threads(monkeypatch):
+    from types import SimpleNamespace
+
+    from nnunet_mixsup.trainers.mixsup import apply_env_budget
+
+    before = torch.get_num_threads()
+    t = SimpleNamespace(device=torch.device("cpu"), num_epochs=1000, num_iterations_per_epoch=250,
+                        num_val_iterations_per_epoch=50)
+    apply_env_budget(t)  # nothing set: nnU-Net's schedule, torch untouched
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (1000, 250, 50)
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("nnUNet_mixsup_epochs", "7")
+    monkeypatch.setenv("nnUNet_mixsup_val_iterations", "3")
+    monkeypatch.setenv("nnUNet_mixsup_torch_threads", "1")
+    try:
+        apply_env_budget(t)
+        assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (7, 250, 3)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        apply_env_budget(SimpleNamespace(device=torch.device("cuda"), num_epochs=1, num_iterations_per_epoch=1,
+                                         num_val_iterations_per_epoch=1))
+        assert torch.get_num_threads() == before  # a GPU training keeps nnU-Net's own thread setting
+    finally:
+        torch.set_num_threads(before)

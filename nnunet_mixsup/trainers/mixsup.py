@@ -71,6 +71,7 @@ from nnunet_mixsup.prepare import supervision_summary
 from nnunet_mixsup.splits import mixsup_splits
 
 BUDGET_ENV = ("nnUNet_mixsup_epochs", "nnUNet_mixsup_iterations", "nnUNet_mixsup_val_iterations")
+THREADS_ENV = "nnUNet_mixsup_torch_threads"
 
 
 def apply_env_budget(trainer: nnUNetTrainer) -> None:
@@ -80,7 +81,14 @@ def apply_env_budget(trainer: nnUNetTrainer) -> None:
     environment (nnU-Net's own way of passing settings to ``nnUNetv2_train``) does that without a
     trainer class per budget. ``_val_iterations`` sets the online-validation batches per epoch
     (nnU-Net: 50), which dominate the cost of short CPU runs. Unset, nothing changes.
+
+    ``nnUNet_mixsup_torch_threads`` (CPU training only): torch's intra-op threads. ``nnUNetv2_train
+    -device cpu`` sets them to every core of the machine, which oversubscribes the cores when
+    several trainings share them (``nnunet-mixsup benchmark --parallel``).
     """
+    threads = os.environ.get(THREADS_ENV)
+    if threads and trainer.device.type == "cpu":
+        torch.set_num_threads(int(threads))
     e, i, v = (os.environ.get(k) for k in BUDGET_ENV)
     if e:
         trainer.num_epochs = int(e)

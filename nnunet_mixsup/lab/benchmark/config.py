@@ -102,6 +102,7 @@ class BenchmarkConfig:
     nsd_tolerance_mm: float = 2.0
     env_defaults: dict[str, str] = field(default_factory=dict)
     upper: bool = True
+    parallel: int = 1
 
     @property
     def plans_name(self) -> str:
@@ -147,7 +148,8 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         small_plans=small, planner=args.planner, id_base=args.id_base, costs=costs,
         use_env_dirs=args.use_env_dirs, device=args.device,
         num_processes=args.np if args.np is not None else p.num_processes,
-        nsd_tolerance_mm=args.nsd_tolerance_mm, env_defaults=dict(p.env_defaults), upper=not args.no_upper)
+        nsd_tolerance_mm=args.nsd_tolerance_mm, env_defaults=dict(p.env_defaults), upper=not args.no_upper,
+        parallel=args.parallel)
     validate_config(cfg)
     return cfg
 
@@ -180,6 +182,8 @@ def validate_config(cfg: BenchmarkConfig) -> None:
         problems.append(f"annotation costs must be finite and >= 0, got {cfg.costs}")
     if not 1 <= cfg.id_base <= 999:
         problems.append(f"--id-base must lie in 1..999, got {cfg.id_base}")
+    if cfg.parallel < 1:
+        problems.append(f"--parallel must be >= 1, got {cfg.parallel}")
     if cfg.num_processes < 1:
         problems.append(f"-np must be >= 1, got {cfg.num_processes}")
     if cfg.small_plans is not None:
@@ -286,4 +290,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-upper", action="store_true",
                    help="skip the upper-bound runs (all cases masked), e.g. for an ablation whose upper bound is "
                         "already known; the summary then has no gap closed")
+    s.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run N trainings at once, each pinned to its share of the cores (default 1: one after the "
+                        "other). On a CPU machine one run per core is the fastest way through many runs; the runs "
+                        "and their numbers are those of N=1")
     s.add_argument("--nsd-tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")

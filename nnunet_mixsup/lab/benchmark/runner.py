@@ -20,8 +20,10 @@ import re
 import shlex
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,41 @@ def check_trainers(names: Sequence[str]) -> dict[str, type]:
 # ----------------------------------------------------------------------------------------------------------
 # commands, logs, progress
 # ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Slot:
+    """One of ``--parallel`` N places a run goes to: its share of the cores and its environment."""
+
+    index: int
+    cpus: tuple[int, ...]
+    env: dict[str, str]
+
+    @property
+    def cpu_list(self) -> str:
+        """The cores as ``taskset -c`` takes them (``0,1``)."""
+        return ",".join(map(str, self.cpus))
+
+
+def parallel_slots(n: int, device: str, cpus: Sequence[int] | None = None) -> list[Slot]:
+    """Split the usable cores into ``n`` equal groups, one per parallel run (in core order).
+
+    On the CPU every run also gets ``nnUNet_mixsup_torch_threads`` = its cores, since stock
+    ``nnUNetv2_train -device cpu`` would start one torch thread per core of the machine.
+    Raises :class:`BenchmarkError` when there are fewer cores than runs.
+    """
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cpus = sorted(cpus)
+    if n > len(cpus):
+        raise BenchmarkError(f"--parallel {n}: only {len(cpus)} core(s) available; every run needs at least one")
+    per = len(cpus) // n
+    slots = []
+    for i in range(n):
+        mine = tuple(cpus[i * per:(i + 1) * per])
+        env = {"nnUNet_mixsup_torch_threads": str(len(mine))} if device == "cpu" else {}
+        slots.append(Slot(i, mine, env))
+    return slots
+
+
 class Session:
     """Runs and records commands: ``commands.sh`` (exact commands), ``logs/``, progress lines."""
 
@@ -257,15 +294,21 @@ class Session:
         self.commands = out / "commands.sh"
         self.t0 = time.time()
         self._header_written = False
+        self._lock = threading.Lock()  # runs of ``--parallel`` share the console, commands.sh and logs
 
     def elapsed(self) -> str:
         return _fmt_time(time.time() - self.t0)
 
     def say(self, text: str) -> None:
-        print(f"[benchmark] {text} ({self.elapsed()})", flush=True)
+        with self._lock:
+            print(f"[benchmark] {text} ({self.elapsed()})", flush=True)
 
     def record(self, text: str) -> None:
         """Append a line to commands.sh (after this invocation's header)."""
+        with self._lock:
+            self._record(text)
+
+    def _record(self, text: str) -> None:
         new = not self.commands.is_file()
         with open(self.commands, "a", encoding="utf-8") as f:
             if new:
@@ -283,19 +326,29 @@ class Session:
         """An in-process step, as a comment in commands.sh."""
         self.record("# " + text.replace("\n", "\n# "))
 
-    def run(self, cmd: Sequence[str], log_name: str, what: str, epochs: int | None = None) -> None:
+    def run(self, cmd: Sequence[str], log_name: str, what: str, epochs: int | None = None,
+            slot: Slot | None = None) -> None:
         """Run ``cmd`` (appended to commands.sh first), output to ``logs/<log_name>.log``.
 
-        ``epochs``: for an ``nnUNetv2_train`` command, its epoch count - shows an epoch progress bar.
+        ``epochs``: for an ``nnUNetv2_train`` command, its epoch count - shows an epoch progress bar
+        (not with a ``slot``: parallel runs would draw over each other). ``slot``: the cores and
+        environment of one of ``--parallel`` runs; commands.sh records the command as the shell
+        line that pins it the same way (``taskset``).
         """
         cmd = [str(c) for c in cmd]
         line = shlex.join(cmd)
+        env = self.env
+        if slot is not None:
+            env = {**self.env, **slot.env}
+            line = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in slot.env.items()), "taskset", "-c",
+                             slot.cpu_list, line])
         self.record(line)
         log = self.logs / f"{log_name}.log"
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"\n+ {line}\n")
         t = time.time()
-        code = run_logged(cmd, self.env, log, desc=what if epochs else None, total_epochs=epochs)
+        code = run_logged(cmd, env, log, desc=what if epochs and slot is None else None, total_epochs=epochs,
+                          cpus=slot.cpus if slot is not None else None)
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"+ exit {code} after {time.time() - t:.1f} s\n")
         if code != 0:
@@ -539,11 +592,15 @@ def _run(cfg: BenchmarkConfig, session: Session, dirs: dict[str, Path], outside_
     sup_counts = _write_all_splits(cfg, session, sims, dense, raw, pp)
 
     runs = _run_list(cfg, sims, dense, sup_counts, classes)
+    labels = [f"{i}/{len(runs)} {run.run} (masks {run.budget}, seed {run.seed})" if run.run != UPPER else
+              f"{i}/{len(runs)} upper (all cases masked, seed {run.seed})" for i, run in enumerate(runs, 1)]
+    if cfg.parallel <= 1:
+        summaries = [_do_run(run, label, session, cfg, dense, res, device, plans.signature)
+                     for run, label in zip(runs, labels)]
+    else:
+        summaries = _do_runs_parallel(runs, labels, session, cfg, dense, res, device, plans.signature)
     rows: list[dict] = []
-    for i, run in enumerate(runs, 1):
-        label = f"{i}/{len(runs)} {run.run} (masks {run.budget}, seed {run.seed})" if run.run != UPPER else \
-            f"{i}/{len(runs)} upper (all cases masked, seed {run.seed})"
-        summary = _do_run(run, label, session, cfg, dense, res, device, plans.signature)
+    for run, summary in zip(runs, summaries):
         rows += result_rows(run, summary, dense, cfg.costs)
 
     write_report(session.out, rows, cfg, dense, sims, plans.configuration)
@@ -745,15 +802,53 @@ def _dense_folder(cfg: BenchmarkConfig, session: Session, raw: Path, outside_raw
 
 
 def _do_run(run: Run, label: str, session: Session, cfg: BenchmarkConfig, dense: DenseDataset, res: Path,
-            device: str, signature: str) -> dict:
+            device: str, signature: str, slot: Slot | None = None) -> dict:
     """Train, predict and evaluate one run, each step skipped when its output is current; the evaluation summary."""
-    ckpt = _train(run, label, session, cfg, res, device, signature)
-    pred, done = _predict(run, label, session, cfg, dense, device, ckpt)
+    ckpt = _train(run, label, session, cfg, res, device, signature, slot)
+    pred, done = _predict(run, label, session, cfg, dense, device, ckpt, slot)
     return _evaluate(run, label, session, cfg, dense, pred, done)
 
 
+def _do_runs_parallel(runs: list[Run], labels: list[str], session: Session, cfg: BenchmarkConfig,
+                      dense: DenseDataset, res: Path, device: str, signature: str) -> list[dict]:
+    """:func:`_do_run` for every run, ``cfg.parallel`` at a time, each pinned to its own cores (:func:`parallel_slots`).
+
+    Runs start in list order as slots free up. After a failure no further run starts; the runs
+    in progress finish (their results stay on disk for the next invocation) and the first
+    failure in run order is raised. Returns the summaries in the order of ``runs``.
+    """
+    slots = parallel_slots(cfg.parallel, device)
+    free = list(reversed(slots))
+    lock, stop = threading.Lock(), threading.Event()
+    session.say(f"running {len(runs)} runs {cfg.parallel} at a time, on cores "
+                + " | ".join(s.cpu_list for s in slots))
+
+    def one(run: Run, label: str) -> dict | None:
+        if stop.is_set():
+            return None
+        with lock:
+            slot = free.pop()
+        try:
+            return _do_run(run, f"{label} [cores {slot.cpu_list}]", session, cfg, dense, res, device, signature,
+                           slot)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            with lock:
+                free.append(slot)
+
+    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+        futures = [pool.submit(one, run, label) for run, label in zip(runs, labels)]
+        wait(futures)
+    for f in futures:
+        if f.exception() is not None:
+            raise f.exception()
+    return [f.result() for f in futures]
+
+
 def _train(run: Run, label: str, session: Session, cfg: BenchmarkConfig, res: Path, device: str,
-           signature: str) -> Path:
+           signature: str, slot: Slot | None = None) -> Path:
     """``nnUNetv2_train`` unless ``checkpoint_final.pth`` exists (continuing an interrupted training); the checkpoint."""
     plans_name, config = cfg.plans_name, cfg.configuration
     base = res / run.dataset_name / f"{run.trainer}__{plans_name}__{config}"
@@ -767,7 +862,7 @@ def _train(run: Run, label: str, session: Session, cfg: BenchmarkConfig, res: Pa
                     + (" (continuing from checkpoint_latest.pth)" if resume else ""))
         cmd = [console_script("nnUNetv2_train"), run.dataset_id, config, run.fold, "-tr", run.trainer,
                "-p", plans_name, "-device", device] + (["--c"] if resume else [])
-        session.run(cmd, f"train_{run.key}", f"training {run.key}", epochs=cfg.epochs)
+        session.run(cmd, f"train_{run.key}", f"training {run.key}", epochs=cfg.epochs, slot=slot)
         if not ckpt.is_file():
             raise BenchmarkError(f"training {run.key} ended without {ckpt}; see {session.logs}/train_{run.key}.log")
     run_plans = base / "plans.json"
@@ -778,7 +873,7 @@ def _train(run: Run, label: str, session: Session, cfg: BenchmarkConfig, res: Pa
 
 
 def _predict(run: Run, label: str, session: Session, cfg: BenchmarkConfig, dense: DenseDataset, device: str,
-             ckpt: Path) -> tuple[Path, Path]:
+             ckpt: Path, slot: Slot | None = None) -> tuple[Path, Path]:
     """``nnUNetv2_predict`` of the test cases unless a complete prediction with ``ckpt`` exists.
 
     Predictions go to a temporary folder renamed at the end. Returns the prediction folder and its
@@ -799,7 +894,7 @@ def _predict(run: Run, label: str, session: Session, cfg: BenchmarkConfig, dense
            "-c", cfg.configuration, "-tr", run.trainer, "-p", cfg.plans_name, "-f", run.fold,
            "-chk", "checkpoint_final.pth", "-npp", workers, "-nps", workers, "-device", device,
            "--disable_progress_bar"]
-    session.run(cmd, f"predict_{run.key}", f"predicting with {run.key}")
+    session.run(cmd, f"predict_{run.key}", f"predicting with {run.key}", slot=slot)
     missing = [c for c in dense.test_ids if not (tmp / f"{c}{dense.file_ending}").is_file()]
     if missing:
         raise BenchmarkError(f"nnUNetv2_predict wrote no prediction for {missing[:3]} ({len(missing)} missing)")
