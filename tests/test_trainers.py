@@ -243,3 +243,15 @@ def test_env_budget_and_torch_threads(monkeypatch):
         assert torch.get_num_threads() == before  # a GPU training keeps nnU-Net's own thread setting
     finally:
         torch.set_num_threads(before)
+
+
+def test_weak_with_teacher_turns_a_class_on_when_the_teacher_labels_it(planned_2d):
+    tr = make_trainer("MixSupTrainer_WeakWithTeacher", planned_2d, "2d")
+    k = len(tr.label_manager.foreground_labels)
+    tr.num_epochs = 10  # pseudo labels from epoch 4 (earliest 0.4), per class at validation Dice >= 0.5
+    log = tr.logger.local_logger.my_fantastic_logging
+    log["dice_per_class_or_region"] = [[0.6] + [0.3] * (k - 1)] * 6
+    tr.current_epoch = 3
+    assert tr.weak_label_classes() == [False] * k  # before the teacher starts: the masks alone
+    tr.current_epoch = 5
+    assert tr.weak_label_classes() == tr.ready_classes() == [True] + [False] * (k - 1)

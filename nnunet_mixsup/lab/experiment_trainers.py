@@ -176,3 +176,19 @@ class MixSupTrainer_WeakPerClass(MixSupTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.weak_labels_min_dice = 0.2
+
+
+class MixSupTrainer_WeakWithTeacher(MixSupTrainer):
+    """``MixSupTrainer`` whose weak samples speak for a class exactly when the teacher labels it.
+
+    The weak labels of class c (known background, certain negatives, multi-label targets) and the
+    teacher's box-constrained pseudo labels of c start together: from the epoch the schedule trusts
+    the teacher with c (:meth:`~nnunet_mixsup.trainers.MixSupTrainer.ready_classes`: self-training
+    started and validation pseudo Dice >= ``schedule.min_dice``). Before, the weak samples teach
+    nothing, so every class learns from the mask cases as in stock nnU-Net. Measures whether
+    negatives without positives are what pulls a freshly learned class down under
+    ``MixSupTrainer_WeakPerClass`` (seed 1 of the INIA19 boxes scenario, ``docs/inia19.md``).
+    """
+
+    def weak_label_classes(self) -> list[bool]:
+        return self.ready_classes()

@@ -9,4 +9,5 @@ from nnunet_mixsup.lab.experiment_trainers import (  # noqa: F401
     MixSupTrainer_StrongViewAddWeak,
     MixSupTrainer_WarmupFirst,
     MixSupTrainer_WeakPerClass,
+    MixSupTrainer_WeakWithTeacher,
 )
