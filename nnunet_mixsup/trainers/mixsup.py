@@ -949,7 +949,7 @@ class SelfTrainingSchedule:
                 never = [n for n, r in zip(class_names, ready) if not r]
                 if never:
                     msg += (f"; the teacher never labelled {', '.join(never)} (validation Dice below "
-                            f"{self.min_dice}): only their weak labels taught them")
+                            f"{self.min_dice}): on the weak cases only their weak labels spoke for them")
             return msg
         if self.per_class:
             return (early + f"no teacher pseudo labels: training ended before epoch "
