@@ -407,7 +407,7 @@ def test_session_run_in_a_slot_pins_the_command_and_records_the_same_shell_line(
         pytest.skip("core pinning needs Linux")
     core = min(os.sched_getaffinity(0))
     session = Session(tmp_path, dict(os.environ), [])
-    slot = Slot(0, (core,), {"nnUNet_mixsup_torch_threads": "1"})
+    slot = Slot((core,), {"nnUNet_mixsup_torch_threads": "1"})
     code = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['nnUNet_mixsup_torch_threads'])"
     session.run([sys.executable, "-c", code], "probe", "probe", epochs=3, slot=slot)
     assert f"[{core}] 1" in (tmp_path / "logs" / "probe.log").read_text()
@@ -436,7 +436,7 @@ def test_parallel_runs_keep_the_run_order_and_start_nothing_after_a_failure(tmp_
         return {"key": run.key, "cores": slot.cpus}
 
     monkeypatch.setattr(runner, "_do_run", fake_do_run)
-    monkeypatch.setattr(runner, "parallel_slots", lambda n, device: [runner.Slot(i, (i,), {}) for i in range(n)])
+    monkeypatch.setattr(runner, "parallel_slots", lambda n, device: [runner.Slot((i,), {}) for i in range(n)])
     session = runner.Session(tmp_path, {}, [])
     cfg = _cfg("--parallel", "2")
     runs = [runner.Run(f"r{i}", "0.1", 0, "x", "x", 1, "D", 0, {}, 1) for i in range(4)]

@@ -911,12 +911,8 @@ class SelfTrainingSchedule:
         if not self.per_class:
             scored = [list(h[:n_classes]) for h in dice_history[:current_epoch]]
             return [any(not np.isnan(h[c]) for h in scored if c < len(h)) for c in range(n_classes)]
-        ready = [False] * n_classes
-        for epoch in range(start, current_epoch + 1):
-            if epoch - 1 < len(dice_history):
-                for c, d in enumerate(dice_history[epoch - 1][:n_classes]):
-                    ready[c] = ready[c] or bool(d >= self.min_dice)  # NaN >= x is False
-        return ready
+        since_start = first_epochs_reaching(dice_history[start - 1:current_epoch], self.min_dice, n_classes)
+        return [e is not None for e in since_start]
 
     def ramp(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int) -> float:
         """Weight factor of the pseudo-label term: 0 before the start, then linear 0 -> 1."""

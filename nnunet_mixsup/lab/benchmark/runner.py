@@ -250,7 +250,6 @@ def check_trainers(names: Sequence[str]) -> dict[str, type]:
 class Slot:
     """One of ``--parallel`` N places a run goes to: its share of the cores and its environment."""
 
-    index: int
     cpus: tuple[int, ...]
     env: dict[str, str]
 
@@ -277,7 +276,7 @@ def parallel_slots(n: int, device: str, cpus: Sequence[int] | None = None) -> li
     for i in range(n):
         mine = tuple(cpus[i * per:(i + 1) * per])
         env = {"nnUNet_mixsup_torch_threads": str(len(mine))} if device == "cpu" else {}
-        slots.append(Slot(i, mine, env))
+        slots.append(Slot(mine, env))
     return slots
 
 
