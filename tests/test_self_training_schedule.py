@@ -34,6 +34,19 @@ def test_per_class_start_at_earliest_and_classes_ready_one_by_one():
     assert s.ready_classes(nan, 9, 10, 2) == [True, False]
     msg = s.report([[0.9, 0.2]] * 10, 9, 10, ["a", "b"])
     assert "from epoch 4" in msg and "never labelled b" in msg
+    assert s.ready_epochs(hist, 3, 10, 2) == [None, None]
+    assert s.ready_epochs(hist, 9, 10, 2) == [4, 7]  # class 1 at the start, class 2 the epoch after its 0.7
+    assert s.ready_epochs(nan, 9, 10, 2) == [4, None]
+
+
+def test_ready_epochs_without_per_class_wait_for_the_start_and_a_first_score():
+    s = SelfTrainingSchedule(earliest=0.4, min_dice=0.5, rampup=0.2)
+    nan = float("nan")
+    hist = [[0.9, nan]] * 5 + [[0.9, 0.6]] * 5  # class 2 first scored at epoch 5, start at 4
+    assert s.ready_epochs(hist, 3, 10, 2) == [None, None]
+    assert s.ready_epochs(hist, 5, 10, 2) == [4, None]
+    assert s.ready_epochs(hist, 9, 10, 2) == [4, 6]
+    assert s.ready_classes(hist, 9, 10, 2) == [True, True]
 
 
 class _Const(torch.nn.Module):

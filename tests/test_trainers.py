@@ -1,6 +1,8 @@
 """Trainer variants run real train steps on the synthetic data (in-process, tiny network)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -255,3 +257,13 @@ def test_weak_with_teacher_turns_a_class_on_when_the_teacher_labels_it(planned_2
     assert tr.weak_label_classes() == [False] * k  # before the teacher starts: the masks alone
     tr.current_epoch = 5
     assert tr.weak_label_classes() == tr.ready_classes() == [True] + [False] * (k - 1)
+    assert tr.weak_label_start_epochs() == [4] + [None] * (k - 1)
+    tr.current_epoch = 4
+    tr.on_epoch_start()  # the log names the class that joins now, and the rule
+    tr.current_epoch = 10
+    report = tr.weak_label_report()
+    names = tr.class_names()
+    assert f"{names[0]} from epoch 4" in report and f"{names[1]} never (best 0.30)" in report
+    assert "with its pseudo labels" in report
+    log_text = Path(tr.log_file).read_text()
+    assert f"epoch 4: the weak labels now speak for {names[0]} (with its pseudo labels" in log_text

@@ -190,5 +190,7 @@ class MixSupTrainer_WeakWithTeacher(MixSupTrainer):
     ``MixSupTrainer_WeakPerClass`` (seed 1 of the INIA19 boxes scenario, ``docs/inia19.md``).
     """
 
-    def weak_label_classes(self) -> list[bool]:
-        return self.ready_classes()
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.weak_labels_with_teacher = True

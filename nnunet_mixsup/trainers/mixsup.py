@@ -905,14 +905,23 @@ class SelfTrainingSchedule:
         With ``per_class``: class c from the first epoch ``e >= start`` whose previous epoch logged a
         validation Dice >= ``min_dice`` for c, and from then on (NaN never counts).
         """
+        return [e is not None for e in self.ready_epochs(dice_history, current_epoch, num_epochs, n_classes)]
+
+    def ready_epochs(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int,
+                     n_classes: int) -> list[int | None]:
+        """Per class: the epoch from which the teacher labels it, as known at ``current_epoch`` (None: not yet).
+
+        The epochs at which :meth:`ready_classes` turns true: never before the start; a class's Dice
+        counts from the epoch after it was logged (:func:`first_epochs_reaching`).
+        """
         start = self.start_epoch(dice_history, current_epoch, num_epochs)
         if start is None:
-            return [False] * n_classes
-        if not self.per_class:
-            scored = [list(h[:n_classes]) for h in dice_history[:current_epoch]]
-            return [any(not np.isnan(h[c]) for h in scored if c < len(h)) for c in range(n_classes)]
+            return [None] * n_classes
+        if not self.per_class:  # scored at least once (any Dice that is not NaN)
+            scored = first_epochs_reaching(dice_history[:current_epoch], -np.inf, n_classes)
+            return [None if e is None else max(start, e) for e in scored]
         since_start = first_epochs_reaching(dice_history[start - 1:current_epoch], self.min_dice, n_classes)
-        return [e is not None for e in since_start]
+        return [None if e is None else start - 1 + e for e in since_start]
 
     def ramp(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int) -> float:
         """Weight factor of the pseudo-label term: 0 before the start, then linear 0 -> 1."""
@@ -1031,6 +1040,9 @@ class MixSupTrainer(MixSupTrainerBase):
             first reached it (:meth:`weak_label_classes`); before, the weak samples' terms neither
             score nor move class c (:func:`without_classes`), so a class the mask cases have not
             taught yet learns as in stock nnU-Net instead of meeting "not here" only.
+        weak_labels_with_teacher: False (default). True: the weak samples' labels speak for class c
+            from the epoch the teacher is trusted with c (:meth:`ready_classes`), together with its
+            pseudo labels; overrides ``weak_labels_min_dice``.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -1051,6 +1063,7 @@ class MixSupTrainer(MixSupTrainerBase):
         self.box_fill_weight = 0.0
         self.unsure_box_positives = False
         self.weak_labels_min_dice: float | None = None
+        self.weak_labels_with_teacher = False
         self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box", "fill")
         self._loaders_self_training: bool | None = None  # phase the current loaders were built for
         self._kinds_in_dataset: frozenset[str] | None = None
@@ -1076,8 +1089,8 @@ class MixSupTrainer(MixSupTrainerBase):
     def weak_label_classes(self) -> list[bool]:
         """Per foreground class: whether the weak samples' labels speak for it at ``current_epoch``.
 
-        Every class without ``weak_labels_min_dice``; else class c once a logged validation pseudo
-        Dice of an earlier epoch reached it (NaN never does). From the log, so ``--c`` resumes it.
+        Every class without ``weak_labels_min_dice`` or ``weak_labels_with_teacher``; else class c
+        from its :meth:`weak_label_start_epochs` on. From the log, so ``--c`` resumes it.
         """
         starts = self.weak_label_start_epochs()
         return [s is not None and s <= self.current_epoch for s in starts]
@@ -1085,13 +1098,28 @@ class MixSupTrainer(MixSupTrainerBase):
     def weak_label_start_epochs(self) -> list[int | None]:
         """Per foreground class: the epoch from which the weak samples' labels speak for it (None: not yet).
 
-        0 for every class without ``weak_labels_min_dice``; else the epoch after the first logged
-        validation pseudo Dice >= ``weak_labels_min_dice`` (:func:`first_epochs_reaching`).
+        0 for every class by default; with ``weak_labels_with_teacher`` the epoch the teacher is
+        trusted with it (:meth:`SelfTrainingSchedule.ready_epochs`); with ``weak_labels_min_dice``
+        the epoch after the first logged validation pseudo Dice >= it (:func:`first_epochs_reaching`).
         """
         k = len(self.label_manager.foreground_labels)
+        if self.weak_labels_with_teacher:
+            return self.schedule.ready_epochs(self._dice_history(), self.current_epoch, self.num_epochs, k)
         if self.weak_labels_min_dice is None:
             return [0] * k
         return first_epochs_reaching(self._dice_history(), self.weak_labels_min_dice, k)
+
+    def weak_labels_gated(self) -> bool:
+        """Whether the weak samples' labels join per class (``weak_labels_with_teacher`` or ``_min_dice``)."""
+        return self.weak_labels_with_teacher or self.weak_labels_min_dice is not None
+
+    def weak_label_rule(self) -> str:
+        """The rule by which a class's weak labels join, in words for the log ('' when not gated)."""
+        if self.weak_labels_with_teacher:
+            return f"with its pseudo labels: self-training started and validation pseudo Dice >= {self.schedule.min_dice}"
+        if self.weak_labels_min_dice is not None:
+            return f"once validation pseudo Dice reached {self.weak_labels_min_dice}"
+        return ""
 
     def _dice_history(self) -> list:
         return self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region", [])
@@ -1139,11 +1167,11 @@ class MixSupTrainer(MixSupTrainerBase):
         return loaders
 
     def on_epoch_start(self):
-        if self.weak_labels_min_dice is not None and self.label_manager.ignore_label is not None:
+        if self.weak_labels_gated() and self.label_manager.ignore_label is not None:
             now = [n for n, s in zip(self.class_names(), self.weak_label_start_epochs()) if s == self.current_epoch]
             if now and self.current_epoch > 0:
                 self.print_to_log_file(f"epoch {self.current_epoch}: the weak labels now speak for {', '.join(now)} "
-                                       f"(validation pseudo Dice reached {self.weak_labels_min_dice})")
+                                       f"({self.weak_label_rule()})")
         if self._loaders_self_training is False and self.self_training_start() is not None:
             ready = [n for n, r in zip(self.class_names(), self.ready_classes()) if r]
             self.print_to_log_file(f"epoch {self.current_epoch}: self-training starts; the teacher labels "
@@ -1225,8 +1253,8 @@ class MixSupTrainer(MixSupTrainerBase):
         return msg + self.weak_label_report()
 
     def weak_label_report(self) -> str:
-        """With ``weak_labels_min_dice``: from which epoch the weak labels spoke for each class ('' without)."""
-        if self.weak_labels_min_dice is None or not self.weak_kinds_present_from_start():
+        """When gated (:meth:`weak_labels_gated`): from which epoch the weak labels spoke for each class ('' else)."""
+        if not self.weak_labels_gated() or not self.weak_kinds_present_from_start():
             return ""
         history = self._dice_history()
         parts = []
@@ -1236,7 +1264,7 @@ class MixSupTrainer(MixSupTrainerBase):
                 continue
             logged = [float(h[c]) for h in history if c < len(h) and not np.isnan(h[c])]
             parts.append(f"{name} never ({f'best {max(logged):.2f}' if logged else 'no Dice logged'})")
-        return (f"; weak labels per class (once validation pseudo Dice reached {self.weak_labels_min_dice}): "
+        return (f"; weak labels per class ({self.weak_label_rule()}): "
                 + ", ".join(parts))
 
     def on_train_end(self):
