@@ -121,9 +121,40 @@ def _close(tr) -> None:
             d._finish()
 
 
-def test_mixsup_uses_boxes_and_tags_from_the_first_epoch_then_pseudo_labels_per_class(planned_2d, monkeypatch):
+def test_default_warms_up_on_masks_then_weak_labels_join_with_the_teacher_per_class(planned_2d, monkeypatch):
+    tr = _trainer("MixSupTrainer", planned_2d, "2d")
+    tr.num_epochs = 10
+    calls = _spy_teacher(monkeypatch)
+    b = tr.batch_size
+    log = tr.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"]
+    n = len(tr.label_manager.foreground_labels)
+    tr.current_epoch = 0
+    assert tr.train_batch_size() == b and tr.loader_weak_kinds() is None
+    tr.on_train_start()  # before the teacher: nnU-Net on the mask cases, weak labels cannot speak yet
+    try:
+        early = [next(tr.dataloader_train) for _ in range(6)]
+        assert all(x["sup_type"].tolist() == [TYPE_CODES["mask"]] * b for x in early)
+        out = tr.train_step(early[0])
+        assert np.isfinite(out["loss"]) and out["loss"] == out["loss_supervised"] and not calls
+        log[:] = [[0.9] * (n - 1) + [0.1]] * 4  # the last class is not segmented yet
+        tr.current_epoch = 4
+        tr.on_epoch_start()  # the teacher starts: the loaders are rebuilt with every weak kind on top
+        assert tr.weak_label_classes() == tr.ready_classes() == [True] * (n - 1) + [False]
+        mixed = [next(tr.dataloader_train) for _ in range(40)]
+        assert all(len(m["sup_type"]) > b for m in mixed)
+        m = next(m for m in mixed if (m["sup_type"] == TYPE_CODES["box"]).any())
+        out = tr.train_step(m)
+        assert out["loss_pseudo"] != 0.0 and out["loss_negatives"] > 0 and len(calls) == 1
+        report = tr.schedule_report()
+        assert "weak cases used from epoch 4" in report and "the first 4 epochs used the mask cases only" in report
+        assert "learned from the mask cases only" in report and "never (best 0.10)" in report
+    finally:
+        _close(tr)
+
+
+def test_weak_labels_from_the_first_epoch_then_pseudo_labels_per_class(planned_2d, monkeypatch):
     assert _trainer("MixSupTrainer", planned_2d, "2d").box_weight == 0  # no box term by default
-    tr = _trainer("MixSupTrainer", planned_2d, "2d", box_weight=0.5)
+    tr = _trainer("MixSupTrainer", planned_2d, "2d", box_weight=0.5, weak_labels_with_teacher=False)
     tr.num_epochs = 10
     calls = _spy_teacher(monkeypatch)
     b = tr.batch_size

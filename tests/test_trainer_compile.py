@@ -26,7 +26,7 @@ EXPECTED = {
     "MixSupTrainer_BoxFill": True,
     "MixSupTrainer_BoxPositives": True,
     "MixSupTrainer_WeakPerClass": True,
-    "MixSupTrainer_WeakWithTeacher": True,
+    "MixSupTrainer_WeakFromStart": True,
 }
 
 

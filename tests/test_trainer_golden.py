@@ -3,9 +3,8 @@
 They pin what each trainer computes, so a refactor of the trainer classes changes no behaviour it
 does not mean to. Batches are synthetic (fixed generator, every supervision kind), weights are set
 by name from fixed seeds, and every random draw inside a step (teacher noise) follows a fixed torch
-seed. Phases: ``warmup`` (before the self-training start: the default's weak-label phase on a mixed
-batch, MLDS on mask-only batches, as their loaders produce; the ramps of the teacher-student
-trainers at their start) and
+seed. Phases: ``warmup`` (before the self-training start: the default and MLDS on mask-only
+batches, as their loaders produce; the ramps of the teacher-student trainers at their start) and
 ``selftrain`` (after the start, ramps at full weight, mixed batches).
 
 Record after an intended change with ``MIXSUP_RECORD_GOLDEN=1 pytest tests/test_trainer_golden.py``
@@ -124,7 +123,7 @@ def compute(tr, phase: str) -> dict:
 
     _set_weights(tr)
     _set_phase(tr, phase)
-    mixed = phase == "selftrain" or type(tr).__name__ != "MixSupTrainer_MLDS"
+    mixed = phase == "selftrain" or type(tr).__name__ not in ("MixSupTrainer", "MixSupTrainer_MLDS")
     batch = _batch(tr, mixed)
     seg = [t[:, :1] for t in batch["target"]]
     allowed = [t[:, 1:] for t in batch["target"]]

@@ -247,8 +247,11 @@ def test_env_budget_and_torch_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_weak_with_teacher_turns_a_class_on_when_the_teacher_labels_it(planned_2d):
-    tr = make_trainer("MixSupTrainer_WeakWithTeacher", planned_2d, "2d")
+def test_default_turns_a_class_weak_labels_on_when_the_teacher_labels_it(planned_2d):
+    tr = make_trainer("MixSupTrainer", planned_2d, "2d")
+    assert tr.weak_labels_with_teacher
+    assert tr.weak_kinds_present_from_start() == () and tr.mask_only_batches_left() > 0  # mask-only warm-up
+    assert tr.extra_weak_samples() == 0 and not tr.in_weak_label_phase()
     k = len(tr.label_manager.foreground_labels)
     tr.num_epochs = 10  # pseudo labels from epoch 4 (earliest 0.4), per class at validation Dice >= 0.5
     log = tr.logger.local_logger.my_fantastic_logging
@@ -267,3 +270,7 @@ def test_weak_with_teacher_turns_a_class_on_when_the_teacher_labels_it(planned_2
     assert "with its pseudo labels" in report
     log_text = Path(tr.log_file).read_text()
     assert f"epoch 4: the weak labels now speak for {names[0]} (with its pseudo labels" in log_text
+    assert tr.mask_only_batches_left() == 0 and tr.extra_weak_samples() > 0  # weak samples on top from the start
+    final = tr.schedule_report()
+    assert "the first 4 epochs used the mask cases only" in final
+    assert f"never labelled {', '.join(names[1:])}" in final and "learned from the mask cases only" in final

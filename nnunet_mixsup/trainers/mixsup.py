@@ -931,11 +931,14 @@ class SelfTrainingSchedule:
         return linear_rampup(current_epoch - start, round(self.rampup * num_epochs))
 
     def report(self, dice_history: Sequence[Sequence[float]], current_epoch: int, num_epochs: int,
-               class_names: Sequence[str], weak_kinds_from_start: Sequence[str] = ()) -> str:
+               class_names: Sequence[str], weak_kinds_from_start: Sequence[str] = (),
+               untrusted_weak_labels: bool = True) -> str:
         """One sentence for the end of training: when the weak cases were used, and for what, or why never.
 
         ``weak_kinds_from_start``: the supervision kinds that were in the batches from the first
         epoch for their own labels (empty: a mask-only warm-up preceded the start).
+        ``untrusted_weak_labels``: whether the weak cases' own labels spoke for a class the teacher
+        never labelled (False: such a class learned from the mask cases only).
         """
         start = self.start_epoch(dice_history, current_epoch, num_epochs)
         last = current_epoch + 1
@@ -954,7 +957,9 @@ class SelfTrainingSchedule:
                 never = [n for n, r in zip(class_names, ready) if not r]
                 if never:
                     msg += (f"; the teacher never labelled {', '.join(never)} (validation Dice below "
-                            f"{self.min_dice}): on the weak cases only their weak labels spoke for them")
+                            f"{self.min_dice}): " + ("on the weak cases only their weak labels spoke for them"
+                                                     if untrusted_weak_labels else
+                                                     "they learned from the mask cases only"))
             return msg
         if self.per_class:
             return (early + f"no teacher pseudo labels: training ended before epoch "
@@ -981,8 +986,14 @@ class MixSupTrainer(MixSupTrainerBase):
     as a sub-batch, so the mask part of every step is that of stock nnU-Net - plus
     ``weak_batch_extra`` x batch weak samples on top.
 
-    **Weak-label phase (from the first epoch).** The weak samples come from the cases of
-    ``weak_kinds_from_start`` (boxes and image tags), each with what its labels say for certain:
+    **Weak-label terms.** The weak samples come from the cases of ``weak_kinds_from_start`` (boxes
+    and image tags), in every batch from the first epoch. Their labels speak for class c from the
+    epoch the teacher labels c (``weak_labels_with_teacher``, :meth:`weak_label_classes`): before,
+    the terms below leave c out of the weak samples' softmax (:func:`without_classes`), so c learns
+    from the mask cases as in stock nnU-Net. A box or tag alone says only where c is *not*; for a
+    class the masks have not taught yet that pulled it towards "nowhere" (the thin INIA19
+    structures were lost in every run, ``docs/inia19.md``), so "not here" now comes together with
+    the teacher's box-constrained "here". For each class they speak for:
 
     - ``supervised``: nnU-Net's deep-supervised Dice + CE on the mask samples + cross-entropy on the
       weak samples' known voxels (outside every box: background) (:meth:`supervised_loss`);
@@ -998,8 +1009,8 @@ class MixSupTrainer(MixSupTrainerBase):
       certain negatives, the known background outside them and, later, the box-constrained
       pseudo labels.
 
-    Without cases of those kinds (e.g. masks + unlabelled only) this phase is nnU-Net on the mask
-    cases (a mask-only warm-up).
+    Without cases of those kinds (e.g. masks + unlabelled only) the steps before the pseudo labels
+    start are nnU-Net on the mask cases (a mask-only warm-up).
 
     **Self-training (from** ``schedule.earliest`` **of the epochs).** Unlabelled cases join, and the
     EMA teacher labels the weak samples' unknown voxels with its weak-label-constrained, confident
@@ -1035,14 +1046,14 @@ class MixSupTrainer(MixSupTrainerBase):
             bounds ``box_fill_bounds``) for the classes the teacher is not trusted with; 0: off.
         unsure_box_positives: the teacher's confident labels of classes it is not trusted with are
             kept inside their boxes (``keep_unsure_positives`` of :func:`teacher_pseudo_labels`).
-        weak_labels_min_dice: None (default): the weak samples' labels speak for every class from
-            the start. A number: for class c only from the epoch after its validation pseudo Dice
+        weak_labels_min_dice: used without ``weak_labels_with_teacher``. None: the weak samples'
+            labels speak for every class from the start. A number: for class c only from the epoch after its validation pseudo Dice
             first reached it (:meth:`weak_label_classes`); before, the weak samples' terms neither
             score nor move class c (:func:`without_classes`), so a class the mask cases have not
             taught yet learns as in stock nnU-Net instead of meeting "not here" only.
-        weak_labels_with_teacher: False (default). True: the weak samples' labels speak for class c
-            from the epoch the teacher is trusted with c (:meth:`ready_classes`), together with its
-            pseudo labels; overrides ``weak_labels_min_dice``.
+        weak_labels_with_teacher: True (default): the weak samples' labels speak for class c from
+            the epoch the teacher is trusted with c (:meth:`ready_classes`), together with its
+            pseudo labels; overrides ``weak_labels_min_dice``. False: see ``weak_labels_min_dice``.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -1063,7 +1074,7 @@ class MixSupTrainer(MixSupTrainerBase):
         self.box_fill_weight = 0.0
         self.unsure_box_positives = False
         self.weak_labels_min_dice: float | None = None
-        self.weak_labels_with_teacher = False
+        self.weak_labels_with_teacher = True
         self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box", "fill")
         self._loaders_self_training: bool | None = None  # phase the current loaders were built for
         self._kinds_in_dataset: frozenset[str] | None = None
@@ -1124,11 +1135,22 @@ class MixSupTrainer(MixSupTrainerBase):
     def _dice_history(self) -> list:
         return self.logger.local_logger.my_fantastic_logging.get("dice_per_class_or_region", [])
 
-    def weak_kinds_present_from_start(self) -> tuple[str, ...]:
-        """The kinds of ``weak_kinds_from_start`` that the dataset has cases of (they join at epoch 0)."""
-        if self._kinds_in_dataset is None:  # read once: this is asked every step
+    def weak_kinds_in_dataset(self) -> frozenset[str]:
+        """The supervision kinds the dataset has cases of (read once: this is asked every step)."""
+        if self._kinds_in_dataset is None:
             self._kinds_in_dataset = frozenset(s.type for s in self.load_supervision().values())
-        return tuple(k for k in self.weak_kinds_from_start if k in self._kinds_in_dataset)
+        return self._kinds_in_dataset
+
+    def weak_kinds_present_from_start(self) -> tuple[str, ...]:
+        """The kinds of ``weak_kinds_from_start`` that the dataset has cases of (they join at epoch 0).
+
+        None with ``weak_labels_with_teacher``: no class's weak labels can speak before the teacher
+        starts, so until then the batches hold the mask cases only (a mask-only warm-up, at stock
+        nnU-Net's step cost) instead of weak samples that would teach nothing.
+        """
+        if self.weak_labels_with_teacher:
+            return ()
+        return tuple(k for k in self.weak_kinds_from_start if k in self.weak_kinds_in_dataset())
 
     def weak_cases_from_start(self) -> bool:
         """Whether the dataset has cases of a kind in ``weak_kinds_from_start``."""
@@ -1249,12 +1271,13 @@ class MixSupTrainer(MixSupTrainerBase):
         """:meth:`SelfTrainingSchedule.report` for this run (log and plot at the end of training)."""
         msg = self.schedule.report(self._dice_history(), min(self.current_epoch, self.num_epochs - 1),
                                    self.num_epochs, self.class_names(),
-                                   weak_kinds_from_start=self.weak_kinds_present_from_start())
+                                   weak_kinds_from_start=self.weak_kinds_present_from_start(),
+                                   untrusted_weak_labels=not self.weak_labels_with_teacher)
         return msg + self.weak_label_report()
 
     def weak_label_report(self) -> str:
         """When gated (:meth:`weak_labels_gated`): from which epoch the weak labels spoke for each class ('' else)."""
-        if not self.weak_labels_gated() or not self.weak_kinds_present_from_start():
+        if not self.weak_labels_gated() or not ({"box", "tags"} & self.weak_kinds_in_dataset()):
             return ""
         history = self._dice_history()
         parts = []

@@ -8,6 +8,6 @@ from nnunet_mixsup.lab.experiment_trainers import (  # noqa: F401
     MixSupTrainer_StrongView,
     MixSupTrainer_StrongViewAddWeak,
     MixSupTrainer_WarmupFirst,
+    MixSupTrainer_WeakFromStart,
     MixSupTrainer_WeakPerClass,
-    MixSupTrainer_WeakWithTeacher,
 )
