@@ -986,14 +986,16 @@ class MixSupTrainer(MixSupTrainerBase):
     as a sub-batch, so the mask part of every step is that of stock nnU-Net - plus
     ``weak_batch_extra`` x batch weak samples on top.
 
-    **Weak-label terms.** The weak samples come from the cases of ``weak_kinds_from_start`` (boxes
-    and image tags), in every batch from the first epoch. Their labels speak for class c from the
-    epoch the teacher labels c (``weak_labels_with_teacher``, :meth:`weak_label_classes`): before,
-    the terms below leave c out of the weak samples' softmax (:func:`without_classes`), so c learns
-    from the mask cases as in stock nnU-Net. A box or tag alone says only where c is *not*; for a
-    class the masks have not taught yet that pulled it towards "nowhere" (the thin INIA19
-    structures were lost in every run, ``docs/inia19.md``), so "not here" now comes together with
-    the teacher's box-constrained "here". For each class they speak for:
+    **Weak-label terms.** By default (``weak_labels_with_teacher``) the weak samples join the
+    batches when the pseudo labels start (before, the batches hold the mask cases only), and their
+    labels speak for class c from the epoch the teacher labels c (:meth:`weak_label_classes`):
+    until then the terms below leave c out of the weak samples' softmax (:func:`without_classes`),
+    so c learns from the mask cases as in stock nnU-Net. A box or tag alone says only where c is
+    *not*; for a class the masks have not taught yet that pulled it towards "nowhere" (the thin
+    INIA19 structures were lost in every run, ``docs/inia19.md``), so "not here" comes together
+    with the teacher's box-constrained "here". Without ``weak_labels_with_teacher`` the cases of
+    ``weak_kinds_from_start`` (boxes and image tags) are in the batches from the first epoch. For
+    each class they speak for:
 
     - ``supervised``: nnU-Net's deep-supervised Dice + CE on the mask samples + cross-entropy on the
       weak samples' known voxels (outside every box: background) (:meth:`supervised_loss`);
@@ -1047,10 +1049,11 @@ class MixSupTrainer(MixSupTrainerBase):
         unsure_box_positives: the teacher's confident labels of classes it is not trusted with are
             kept inside their boxes (``keep_unsure_positives`` of :func:`teacher_pseudo_labels`).
         weak_labels_min_dice: used without ``weak_labels_with_teacher``. None: the weak samples'
-            labels speak for every class from the start. A number: for class c only from the epoch after its validation pseudo Dice
-            first reached it (:meth:`weak_label_classes`); before, the weak samples' terms neither
-            score nor move class c (:func:`without_classes`), so a class the mask cases have not
-            taught yet learns as in stock nnU-Net instead of meeting "not here" only.
+            labels speak for every class from the start. A number: for class c only from the epoch
+            after its validation pseudo Dice first reached it (:meth:`weak_label_classes`); before,
+            the weak samples' terms neither score nor move class c (:func:`without_classes`), so a
+            class the mask cases have not taught yet learns as in stock nnU-Net instead of meeting
+            "not here" only.
         weak_labels_with_teacher: True (default): the weak samples' labels speak for class c from
             the epoch the teacher is trusted with c (:meth:`ready_classes`), together with its
             pseudo labels; overrides ``weak_labels_min_dice``. False: see ``weak_labels_min_dice``.
