@@ -343,7 +343,7 @@ def machine_description() -> str:
 
 
 def results_page(summary_md: str, cfg: BenchmarkConfig) -> str:
-    """A results section for ``docs/results.md``: the command that ran, the machine, the date, the summary.
+    """A results section for ``docs/BENCHMARKS.md``: the command that ran, the machine, the date, the summary.
 
     Written beside ``summary.md`` as ``results_page.md``; paste it into the docs unchanged, so every
     published number carries its command and machine.
