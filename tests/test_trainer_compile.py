@@ -27,6 +27,7 @@ EXPECTED = {
     "MixSupTrainer_BoxPositives": True,
     "MixSupTrainer_WeakPerClass": True,
     "MixSupTrainer_WeakFromStart": True,
+    "MixSupTrainer_PseudoCE": True,
 }
 
 

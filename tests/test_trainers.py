@@ -114,14 +114,16 @@ def test_supervised_loss_is_nnunet_loss_per_group(which, config, batch_dice, req
     torch.testing.assert_close(g_got[:2], g_sub[:2], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("pseudo_dice", [True, False])
 @pytest.mark.parametrize("which,config", [("planned_2d", "2d"), ("planned_3d", "3d_fullres")])
-def test_pseudo_label_term_is_nnunet_loss_on_the_selected_samples(which, config, request, monkeypatch):
-    """The self-training term equals nnU-Net's loss on the pseudo-labelled samples as a sub-batch."""
+def test_pseudo_label_term_is_nnunet_loss_on_the_selected_samples(which, config, pseudo_dice, request, monkeypatch):
+    """The self-training term: nnU-Net's loss on the pseudo-labelled samples as a sub-batch, or CE over their labels."""
     import nnunet_mixsup.trainers.mixsup as M
     from nnunet_mixsup.lab.bench_speed import at_full_schedule
     from nnunet_mixsup.manifest import TYPE_CODES
 
     tr = make_trainer("MixSupTrainer", request.getfixturevalue(which), config)
+    tr.pseudo_dice = pseudo_dice
     at_full_schedule(tr)  # self-training started, full ramp
     b = next(b for b in batches(tr, 8) if (b["sup_type"] == TYPE_CODES["mask"]).any()
              and (b["sup_type"] != TYPE_CODES["mask"]).any())
@@ -137,7 +139,13 @@ def test_pseudo_label_term_is_nnunet_loss_on_the_selected_samples(which, config,
     terms = tr.forward_and_loss(b["data"], seg, allowed, b)
     logits = M.as_list(outs[0])[0]
     sel = b["sup_type"] != TYPE_CODES["mask"]
-    want = tr.pseudo_ramp() * tr.pseudo_weight * tr.fullres_loss(logits[sel], fixed[sel])
+    if pseudo_dice:
+        want = tr.pseudo_ramp() * tr.pseudo_weight * tr.fullres_loss(logits[sel], fixed[sel])
+    else:  # mean CE over the labelled voxels of the selected samples, by hand
+        lab = fixed[sel][:, 0].long()
+        known = lab != tr.label_manager.ignore_label
+        ce = torch.nn.functional.cross_entropy(logits[sel], torch.where(known, lab, 0), reduction="none")
+        want = tr.pseudo_ramp() * tr.pseudo_weight * ce[known].mean()
     assert float(terms["pseudo"]) == pytest.approx(float(want), rel=1e-5)
     g_term = torch.autograd.grad(terms["pseudo"], logits, retain_graph=True)[0]
     g_sub = torch.autograd.grad(want, logits)[0]

@@ -194,3 +194,18 @@ class MixSupTrainer_WeakPerClass(MixSupTrainer_WeakFromStart):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.weak_labels_min_dice = 0.2
+
+
+class MixSupTrainer_PseudoCE(MixSupTrainer):
+    """``MixSupTrainer`` whose pseudo-label term is cross-entropy only (``pseudo_dice = False``).
+
+    The teacher labels only its confident voxels; on a batch where those hold a few dozen voxels
+    of a class, the batch Dice of the pseudo term had gradient norms 10-30x those of nnU-Net's
+    loss on the mask samples (INIA19, ``docs/inia19.md``). Measures whether those steps hold back
+    the classes the mask cases are still learning.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pseudo_dice = False

@@ -1040,6 +1040,8 @@ class MixSupTrainer(MixSupTrainerBase):
         teacher_noise_std: Gaussian noise on the teacher's input (perturbation consistency).
         pseudo_threshold: minimum constrained teacher probability for a pseudo label.
         pseudo_weight: weight of the pseudo-label term at full ramp.
+        pseudo_dice: the pseudo-label term is nnU-Net's Dice + CE (True) or cross-entropy only
+            (:meth:`pseudo_term`).
         pseudo_types: the supervision kinds whose samples get pseudo labels.
         entropy_weight, entropy_rampup_epochs: the entropy term and its linear ramp.
         box_weight: weight of the box term for the classes the teacher is not trusted with (all of
@@ -1070,6 +1072,7 @@ class MixSupTrainer(MixSupTrainerBase):
         self.teacher_noise_std = 0.1
         self.pseudo_threshold = 0.8
         self.pseudo_weight = 1.0
+        self.pseudo_dice = True
         self.pseudo_types: tuple[str, ...] = ("box", "tags", "none")
         self.entropy_weight = 0.1
         self.entropy_rampup_epochs = 50
@@ -1237,8 +1240,7 @@ class MixSupTrainer(MixSupTrainerBase):
         terms["negatives"] = self.negatives_term(weak_out[0], allowed[0], rows=weak)
         terms["mlds"] = self.mlds_term(output, pseudo, allowed[0], rows=weak, off=off)
         if ramp > 0:
-            terms["pseudo"] = ramp * self.pseudo_weight * self.rows_loss(self.fullres_loss, weak_out[0], pseudo,
-                                                                         selected)
+            terms["pseudo"] = ramp * self.pseudo_weight * self.pseudo_term(weak_out[0], pseudo, selected)
         unlabelled = sup_type == TYPE_CODES["none"]
         entropy_ramp = linear_rampup(self.current_epoch, self.entropy_rampup_epochs)
         if ramp > 0 and self.entropy_weight > 0 and bool(unlabelled.any()):
@@ -1248,6 +1250,19 @@ class MixSupTrainer(MixSupTrainerBase):
         if self.box_fill_weight > 0 and bool(unsure.any()):
             terms["fill"] = self.box_fill_weight * self.box_fill_term(output[0], allowed[0], batch, classes=unsure)
         return terms
+
+    def pseudo_term(self, logits: torch.Tensor, pseudo: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """The unweighted pseudo-label loss of the ``selected`` samples at full resolution.
+
+        ``pseudo_dice`` (default): nnU-Net's Dice + CE on those samples as a sub-batch
+        (:meth:`rows_loss`). Without it: cross-entropy over their labelled voxels only
+        (:class:`KnownVoxelCrossEntropyLoss`). The pseudo labels are partial - confident voxels
+        only - and a batch Dice over a few confidently labelled voxels of a class has large,
+        noisy gradients (its counts are small), while the cross-entropy's are bounded.
+        """
+        if self.pseudo_dice:
+            return self.rows_loss(self.fullres_loss, logits, pseudo, selected)
+        return self.weak_ce(logits, self.only(selected, pseudo))
 
     def deep_supervised_loss(self, output: list[torch.Tensor], seg: list[torch.Tensor], batch: dict,
                              weak_output: list[torch.Tensor] | None = None) -> torch.Tensor:
