@@ -278,6 +278,13 @@ def test_default_turns_a_class_weak_labels_on_when_the_teacher_labels_it(planned
     assert "with its pseudo labels" in report
     log_text = Path(tr.log_file).read_text()
     assert f"epoch 4: the weak labels now speak for {names[0]} (with its pseudo labels" in log_text
+    # the epoch self-training starts gets one line naming the classes and that their weak labels join
+    tr._loaders_self_training, tr.current_epoch = False, 4
+    tr.get_dataloaders = lambda: (None, None)
+    tr.on_epoch_start()
+    lines = [ln for ln in Path(tr.log_file).read_text().splitlines() if "epoch 4:" in ln]
+    assert len(lines) == 2 and "self-training starts; the teacher labels " + names[0] in lines[1]
+    assert f"; the weak labels now speak for {names[0]} (with its pseudo labels" in lines[1]
     assert tr.mask_only_batches_left() == 0 and tr.extra_weak_samples() > 0  # weak samples on top from the start
     final = tr.schedule_report()
     assert "the first 4 epochs used the mask cases only" in final

@@ -1195,19 +1195,24 @@ class MixSupTrainer(MixSupTrainerBase):
         return loaders
 
     def on_epoch_start(self):
+        """Log what changes this epoch (one line), and rebuild the loaders when self-training starts."""
+        starting = self._loaders_self_training is False and self.self_training_start() is not None
+        joining = ""
         if self.weak_labels_gated() and self.label_manager.ignore_label is not None:
             now = [n for n, s in zip(self.class_names(), self.weak_label_start_epochs()) if s == self.current_epoch]
             if now and self.current_epoch > 0:
-                self.print_to_log_file(f"epoch {self.current_epoch}: the weak labels now speak for {', '.join(now)} "
-                                       f"({self.weak_label_rule()})")
-        if self._loaders_self_training is False and self.self_training_start() is not None:
+                joining = f"the weak labels now speak for {', '.join(now)} ({self.weak_label_rule()})"
+        if starting:
             ready = [n for n, r in zip(self.class_names(), self.ready_classes()) if r]
             self.print_to_log_file(f"epoch {self.current_epoch}: self-training starts; the teacher labels "
-                                   f"{', '.join(ready) if ready else 'no class yet'} on the weak cases")
+                                   f"{', '.join(ready) if ready else 'no class yet'} on the weak cases"
+                                   + (f"; {joining}" if joining else ""))
             for loader in (self.dataloader_train, self.dataloader_val):
                 if hasattr(loader, "_finish"):
                     loader._finish()
             self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        elif joining:
+            self.print_to_log_file(f"epoch {self.current_epoch}: {joining}")
         super().on_epoch_start()
 
     def class_names(self) -> list[str]:
