@@ -41,6 +41,8 @@ from nnunet_mixsup.manifest import TYPE_CODES, CaseSupervision
 
 WEAK_KINDS = tuple(k for k in TYPE_CODES if k != "mask")
 """The supervision kinds of weak samples: box, tags, none."""
+LABELLED_WEAK_KINDS = ("box", "tags")
+"""The weak kinds that carry labels of their own (boxes, image tags); ``none`` carries nothing."""
 ALLOWED_BITS = 15
 """Allowed maps per int16 code channel (codes 0..32767)."""
 FLOAT32_EXACT = 1 << 24

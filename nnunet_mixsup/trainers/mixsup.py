@@ -44,7 +44,7 @@ from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunet_mixsup.data import MixSupDataLoader, record_spatial_axes
+from nnunet_mixsup.data import LABELLED_WEAK_KINDS, MixSupDataLoader, record_spatial_axes
 from nnunet_mixsup.losses import (
     BoxFillLoss,
     BoxPresenceLoss,
@@ -1066,7 +1066,7 @@ class MixSupTrainer(MixSupTrainerBase):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.schedule = SelfTrainingSchedule(earliest=0.4, min_dice=0.5, rampup=0.2, per_class=True)
         self.strong_fraction = 0.5
-        self.weak_kinds_from_start: tuple[str, ...] = ("box", "tags")
+        self.weak_kinds_from_start: tuple[str, ...] = LABELLED_WEAK_KINDS
         self.weak_batch_extra = 0.5
         self.ema_decay = 0.99
         self.teacher_noise_std = 0.1
@@ -1300,7 +1300,7 @@ class MixSupTrainer(MixSupTrainerBase):
 
     def weak_label_report(self) -> str:
         """When gated (:meth:`weak_labels_gated`): from which epoch the weak labels spoke for each class ('' else)."""
-        if not self.weak_labels_gated() or not ({"box", "tags"} & self.weak_kinds_in_dataset()):
+        if not self.weak_labels_gated() or not (set(LABELLED_WEAK_KINDS) & self.weak_kinds_in_dataset()):
             return ""
         history = self._dice_history()
         parts = []
