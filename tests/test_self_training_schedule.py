@@ -133,3 +133,14 @@ def test_first_epochs_reaching_acts_one_epoch_after_the_log_and_ignores_nan():
     assert first_epochs_reaching(hist, 0.2, 3) == [2, None, 3]  # class 1 dropping again stays on
     assert first_epochs_reaching([], 0.2, 2) == [None, None]
     assert first_epochs_reaching([[0.5]], 0.2, 2) == [1, None]  # a short row (fewer classes logged)
+
+
+def test_classes_lost_names_a_class_that_collapsed_after_it_was_learned():
+    from nnunet_mixsup.trainers.mixsup import classes_lost
+
+    nan = float("nan")
+    hist = [[0.0, 0.0, nan]] * 3 + [[0.8, 0.3, nan]] * 5 + [[0.7, 0.3, nan]] * 2 + [[0.0, 0.3, nan]] * 5
+    assert classes_lost(hist, learned=0.5) == [(0, 0.8, 3, 0.0)]  # class 1 never reached 0.5; class 2 absent
+    assert classes_lost(hist[:-3], learned=0.5) == []  # last 5: 0.8 0.7 0.7 0 0 -> 0.44 >= 0.2 x 0.8
+    assert classes_lost(hist, learned=0.9) == []  # never learned by that bar
+    assert classes_lost([], learned=0.5) == []

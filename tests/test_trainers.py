@@ -289,3 +289,7 @@ def test_default_turns_a_class_weak_labels_on_when_the_teacher_labels_it(planned
     final = tr.schedule_report()
     assert "the first 4 epochs used the mask cases only" in final
     assert f"never labelled {', '.join(names[1:])}" in final and "learned from the mask cases only" in final
+    assert "collapsed" not in final
+    log["dice_per_class_or_region"] = log["dice_per_class_or_region"] + [[0.0] * k] * 5  # forgot class 1
+    assert f"collapsed after these classes were learned: {names[0]} (best 0.60 at epoch 0, last 0.00)" \
+        in tr.schedule_report()

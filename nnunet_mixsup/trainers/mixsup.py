@@ -238,6 +238,28 @@ def first_epochs_reaching(dice_history: Sequence[Sequence[float]], threshold: fl
     return starts
 
 
+def classes_lost(dice_history: Sequence[Sequence[float]], learned: float, window: int = 5,
+                 keep: float = 0.2) -> list[tuple[int, float, int, float]]:
+    """Classes the run learned and then lost: ``(class index, best Dice, its epoch, recent mean Dice)``.
+
+    A class counts as learned once its logged validation Dice reached ``learned``; it is lost when
+    the mean of its last ``window`` logged values (NaN skipped) is below ``keep`` x its best. A
+    self-training run can collapse this way (every class predicted nowhere, on the mask cases
+    too) while its training loss keeps falling, so the end-of-training report names it.
+    """
+    lost = []
+    n = max((len(h) for h in dice_history), default=0)
+    for c in range(n):
+        vals = [(e, float(h[c])) for e, h in enumerate(dice_history) if c < len(h) and not np.isnan(h[c])]
+        if not vals:
+            continue
+        best_epoch, best = max(vals, key=lambda ev: ev[1])
+        recent = float(np.mean([v for _, v in vals[-window:]]))
+        if best >= learned and recent < keep * best:
+            lost.append((c, best, best_epoch, recent))
+    return lost
+
+
 @torch.no_grad()
 def teacher_pseudo_labels(teacher: nn.Module, data: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor,
                           rows: torch.Tensor, ignore_label: int, threshold: float, noise_std: float = 0.0,
@@ -1296,7 +1318,18 @@ class MixSupTrainer(MixSupTrainerBase):
                                    self.num_epochs, self.class_names(),
                                    weak_kinds_from_start=self.weak_kinds_present_from_start(),
                                    untrusted_weak_labels=not self.weak_labels_with_teacher)
-        return msg + self.weak_label_report()
+        return msg + self.weak_label_report() + self.lost_classes_report()
+
+    def lost_classes_report(self) -> str:
+        """Names the classes whose validation Dice collapsed after they were learned (:func:`classes_lost`; '' if none)."""
+        lost = classes_lost(self._dice_history(), self.schedule.min_dice)
+        if not lost:
+            return ""
+        names = self.class_names()
+        parts = [f"{names[c] if c < len(names) else c} (best {best:.2f} at epoch {e}, last {last:.2f})"
+                 for c, best, e, last in lost]
+        return ("; WARNING: validation Dice collapsed after these classes were learned: " + ", ".join(parts)
+                + " - checkpoint_best.pth holds the best epoch's weights")
 
     def weak_label_report(self) -> str:
         """When gated (:meth:`weak_labels_gated`): from which epoch the weak labels spoke for each class ('' else)."""
