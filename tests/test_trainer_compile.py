@@ -28,6 +28,7 @@ EXPECTED = {
     "MixSupTrainer_WeakPerClass": True,
     "MixSupTrainer_WeakFromStart": True,
     "MixSupTrainer_PseudoCE": True,
+    "MixSupTrainer_OpenEmptyBoxes": True,
 }
 
 

@@ -293,3 +293,65 @@ def test_default_turns_a_class_weak_labels_on_when_the_teacher_labels_it(planned
     log["dice_per_class_or_region"] = log["dice_per_class_or_region"] + [[0.0] * k] * 5  # forgot class 1
     assert f"collapsed after these classes were learned: {names[0]} (best 0.60 at epoch 0, last 0.00)" \
         in tr.schedule_report()
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_open_empty_boxes_takes_back_background_only_where_the_teacher_found_nothing(nd):
+    from nnunet_mixsup.trainers.mixsup import open_empty_boxes
+
+    ign, s = 9, (6,) * nd
+    seg0 = torch.zeros(3, 1, *s, dtype=torch.long)
+    allowed = torch.zeros(3, 2, *s)
+    box = (slice(None), slice(1, 4)) + (slice(2, 5),) * (nd - 1)  # class 1's box in every sample
+    for b in range(3):
+        allowed[b][(0,) + box[1:]] = 1
+        seg0[b][(0,) + box[1:]] = ign  # unknown inside the box, known background outside
+    labels = seg0.clone()
+    labels[labels == ign] = 0  # the teacher says background everywhere in the boxes ...
+    labels[1][(0, 2) + (3,) * (nd - 1)] = 1  # ... except one voxel of class 1 in sample 1
+    labels[2][(0, 1) + (2,) * (nd - 1)] = 2  # sample 2: class 2 inside class 1's box, no class 1
+    present = torch.tensor([[True, False], [True, False], [True, False]])
+    out = open_empty_boxes(labels, seg0, allowed, present, ign)
+    inside = allowed[:, :1] > 0
+    assert (out[0][inside[0]] == ign).all()  # nothing of class 1 found: the whole box is open again
+    assert torch.equal(out[1], labels[1])  # found: the teacher's background there stays
+    assert out[2][(0, 1) + (2,) * (nd - 1)] == 2 and (out[2][inside[2] & (labels[2] == 0)] == ign).all()
+    assert torch.equal(out[~inside], labels[~inside])  # known background outside the boxes stays
+    assert torch.equal(open_empty_boxes(labels, seg0, allowed, present & False, ign), labels)
+    known = seg0.clone()
+    known[0][(0,) + box[1:]] = 0  # a real label inside the box is never touched
+    assert torch.equal(open_empty_boxes(labels, known, allowed, present, ign)[0], labels[0])
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_open_empty_boxes_reaches_the_pseudo_term(on, planned_2d, monkeypatch):
+    """With ``open_empty_boxes`` the pseudo term sees a box the teacher left empty as unknown."""
+    import nnunet_mixsup.trainers.mixsup as M
+    from nnunet_mixsup.lab.bench_speed import at_full_schedule
+    from nnunet_mixsup.manifest import TYPE_CODES
+
+    tr = make_trainer("MixSupTrainer", planned_2d, "2d")
+    tr.open_empty_boxes = on
+    at_full_schedule(tr)
+    b = next(b for b in batches(tr, 8) if (b["sup_type"] == TYPE_CODES["box"]).any())
+    row = int((b["sup_type"] == TYPE_CODES["box"]).nonzero()[0])
+    ign = tr.label_manager.ignore_label
+    seg = [t[:, :1].clone() for t in b["target"]]
+    allowed = [t[:, 1:].clone() for t in b["target"]]
+    k = 0
+    h, w = seg[0].shape[2:]
+    for lvl, (sg, al) in enumerate(zip(seg, allowed)):  # one box of class 1, inside the patch
+        f = 2 ** lvl
+        al[row] = 0
+        al[row, k, h // f // 4: h // f // 2 + 1, w // f // 4: w // f // 2 + 1] = 1
+        sg[row] = 0
+        sg[row, 0][al[row, k] > 0] = ign
+    monkeypatch.setattr(M, "teacher_pseudo_labels",
+                        lambda *a, **kw: torch.where(seg[0] == ign, torch.zeros_like(seg[0]), seg[0]))
+    seen = []
+    real = tr.pseudo_term
+    monkeypatch.setattr(tr, "pseudo_term", lambda lg, ps, sel: seen.append(ps) or real(lg, ps, sel))
+    tr.forward_and_loss(b["data"], seg, allowed, b)
+    box = allowed[0][row, k] > 0
+    assert bool(box.any())
+    assert (seen[0][row, 0][box] == (ign if on else 0)).all()

@@ -209,3 +209,18 @@ class MixSupTrainer_PseudoCE(MixSupTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.pseudo_dice = False
+
+
+class MixSupTrainer_OpenEmptyBoxes(MixSupTrainer):
+    """``MixSupTrainer`` that keeps a box unknown where the teacher finds none of its class (``open_empty_boxes``).
+
+    On INIA19 seed 2 (mask cases that are strips, no whole 2d slice) the teacher found nothing on
+    the box cases' whole slices and labelled them background, inside their boxes too; every run
+    then segmented nothing on whole-brain test slices (``docs/inia19.md``). A box says its class is
+    there, so such background labels contradict it; this variant drops them.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.open_empty_boxes = True

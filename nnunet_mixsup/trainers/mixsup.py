@@ -306,6 +306,40 @@ def teacher_pseudo_labels(teacher: nn.Module, data: torch.Tensor, seg0: torch.Te
     return pseudo
 
 
+def open_empty_boxes(labels: torch.Tensor, seg0: torch.Tensor, allowed0: torch.Tensor, present: torch.Tensor,
+                     ignore_label: int) -> torch.Tensor:
+    """Pseudo labels with the teacher's background inside a box taken back where it found none of the box's class.
+
+    A tight box around a connected object is crossed by the object in every slice through it, so a
+    box (or its 2D cross-section) lying wholly inside the patch certainly holds some voxels of its
+    class k. Where the teacher labels none of them k, its confident background there contradicts
+    the box - a teacher that misses a structure on a kind of image would otherwise teach the
+    student that the structure is absent exactly where the box says it is. Those background
+    voxels become unknown (``ignore_label``); labels of other classes and real (known) labels
+    stay.
+
+    Args:
+        labels: (B, 1, *s) pseudo labels (:func:`teacher_pseudo_labels`).
+        seg0: (B, 1, *s) real labels (``ignore_label`` where unknown).
+        allowed0: (B, K, *s) allowed maps: class k's boxes for box samples.
+        present: (B, K) bool: class k's box lies wholly inside sample b's patch and k is to be
+            checked (e.g. :meth:`MixSupTrainerBase.box_pairs_in_patch` for the classes the
+            teacher labels).
+        ignore_label: the label value meaning "unknown".
+
+    Returns:
+        (B, 1, *s) labels, a new tensor.
+    """
+    out = labels.clone()
+    for b, k in present.nonzero().tolist():
+        inside = allowed0[b, k] > 0
+        if bool((labels[b, 0][inside] == k + 1).any()):
+            continue
+        release = inside & (labels[b, 0] == 0) & (seg0[b, 0] == ignore_label)
+        out[b, 0][release] = ignore_label
+    return out
+
+
 def ema_teacher(network: nn.Module) -> nn.Module:
     """A frozen copy of ``network`` in eval mode (the mean teacher, updated by :func:`ema_update`)."""
     teacher = copy.deepcopy(unwrap(network))
@@ -1072,6 +1106,9 @@ class MixSupTrainer(MixSupTrainerBase):
             bounds ``box_fill_bounds``) for the classes the teacher is not trusted with; 0: off.
         unsure_box_positives: the teacher's confident labels of classes it is not trusted with are
             kept inside their boxes (``keep_unsure_positives`` of :func:`teacher_pseudo_labels`).
+        open_empty_boxes: inside a box (wholly in the patch) of a class the teacher labels, its
+            background labels become unknown where it labels none of the box that class
+            (:func:`open_empty_boxes`); off by default (not yet measured).
         weak_labels_min_dice: used without ``weak_labels_with_teacher``. None: the weak samples'
             labels speak for every class from the start. A number: for class c only from the epoch
             after its validation pseudo Dice first reached it (:meth:`weak_label_classes`); before,
@@ -1101,6 +1138,7 @@ class MixSupTrainer(MixSupTrainerBase):
         self.box_weight = 0.0
         self.box_fill_weight = 0.0
         self.unsure_box_positives = False
+        self.open_empty_boxes = False
         self.weak_labels_min_dice: float | None = None
         self.weak_labels_with_teacher = True
         self.loss_term_names = ("supervised", "negatives", "mlds", "pseudo", "entropy", "box", "fill")
@@ -1257,6 +1295,9 @@ class MixSupTrainer(MixSupTrainerBase):
                                            self.label_manager.ignore_label, self.pseudo_threshold,
                                            self.teacher_noise_std, unsure=unsure,
                                            keep_unsure_positives=self.unsure_box_positives)
+            if self.open_empty_boxes:
+                check = self.box_pairs_in_patch(allowed[0], batch, classes=~unsure) & selected[:, None]
+                pseudo = open_empty_boxes(pseudo, seg[0], allowed[0], check, self.label_manager.ignore_label)
             data, seg, allowed, pseudo = self.student_view(data, seg, allowed, pseudo, selected)
         else:  # weak-label phase: the weak samples' own labels only
             pseudo = seg[0]

@@ -5,6 +5,7 @@ from nnunet_mixsup.lab.experiment_trainers import (  # noqa: F401
     MixSupTrainer_BoxTerm,
     MixSupTrainer_MaskFirst,
     MixSupTrainer_MaskOnly2x,
+    MixSupTrainer_OpenEmptyBoxes,
     MixSupTrainer_PseudoCE,
     MixSupTrainer_StrongView,
     MixSupTrainer_StrongViewAddWeak,
